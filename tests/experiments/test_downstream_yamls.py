@@ -1,0 +1,58 @@
+"""Every downstream experiment YAML (finetune/, fewshot/, survival/) runs fit + test end to end on a tiny SynthBrain
+cohort, with the shared size overrides, and writes a complete report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from neurojepa_pl.cli import lightning_main
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+DOWNSTREAM_YAMLS = sorted(p for folder in ("finetune", "fewshot", "survival") for p in (EXPERIMENTS / folder).glob("*.yaml"))
+
+
+def tiny_overrides(manifest: Path) -> list[str]:
+    """The size overrides every downstream YAML must accept (shared convention of the experiment tests)."""
+    return [
+        "--model.init_args.backbone", "vit_tiny",
+        "--model.init_args.backbone_kwargs", "{img_size: [32,36,32], patch_size: 4}",
+        "--data.init_args.manifest", str(manifest),
+        "--data.init_args.spatial_size", "[32,36,32]",
+        "--data.init_args.resize_to", "[34,40,34]",
+        "--data.init_args.pad_crop_size", "null",
+        "--data.init_args.target_spacing", "null",
+        "--data.init_args.batch_size", "4",
+        "--data.init_args.num_workers", "0",
+        "--trainer.fast_dev_run", "1",
+    ]
+
+
+def test_all_downstream_yamls_are_collected():
+    names = {p.name for p in DOWNSTREAM_YAMLS}
+    assert {"synth_tumour_probe.yaml", "synth_findings_multilabel.yaml", "synth_age_regression.yaml",
+            "synth_tumour_cnn.yaml", "neurojepa_finetune.yaml", "synth_tumour_fewshot.yaml", "synth_survival.yaml",
+            "neurojepa_tte.yaml"} <= names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", DOWNSTREAM_YAMLS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_yaml_fits_and_tests_on_tiny_cohort(config, synth_cohort, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative runs/ and cache/ folders of the YAML land in the test's folder
+    out = tmp_path / "report"
+    cli = lightning_main(["fit", "--config", str(config), *tiny_overrides(synth_cohort),
+                          "--model.init_args.output_dir", str(out), "--model.init_args.n_bootstrap", "20",
+                          "--trainer.default_root_dir", str(tmp_path)])
+    assert cli.trainer.state.finished
+    cli.trainer.test(cli.model, datamodule=cli.datamodule)
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["task"] == cli.model.task
+    assert report["n"] >= 1
+    assert "selection" in report["metrics"]
+    for entry in report["metrics"].values():
+        assert set(entry) == {"value", "ci_low", "ci_high"}
+    table = pd.read_csv(out / "predictions.csv")
+    assert len(table) == report["n"] and table["path"].is_unique
