@@ -1,0 +1,237 @@
+"""Throughput of one JEPA pretraining step: ours vs an in-run baseline written like the reference.
+
+    python benchmarks/pretrain_step.py --config experiments/pretrain/neurojepa_base.yaml --device cuda --preset paper
+    python benchmarks/pretrain_step.py --device cpu --preset tiny          # what `make bench` runs (< 1 min)
+
+One step = target forward + context forward + predictor + loss + backward + clip + AdamW + MoE bias update + EMA, on
+random brain-like volumes with the real mask generators and foreground map.
+
+- ours: all masks in one encoder and one predictor forward (``batch_masks=True``), grouped MoE dispatch
+  (``torch._grouped_mm``), optionally ``torch.compile`` (``--compile``);
+- baseline: one forward per mask and the per-expert Python loop (the reference's structure).
+
+Both start from the same weights; the loss of both on the same batch is printed as a numerics check. Prints one JSON
+object: scans/s, median step time (the variants alternate step by step), peak memory, FLOPs per scan (``torch.utils.flop_counter``, which does not count SDPA on
+CPU; ``torch._grouped_mm`` is counted with a formula registered here), MFU against the dense bf16 peak of the GPU
+(null on CPU and unknown GPUs) and the ours/baseline ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `callbacks` and `data_modules` are top-level packages of the source tree
+
+from callbacks.ema import ema_update_  # noqa: E402
+from data_modules.collate import JEPAMaskCollator  # noqa: E402
+from neurojepa_pl.masks import paper_mask_generators, vjepa2_mask_generators  # noqa: E402
+from neurojepa_pl.models.moe import balance_bias_update  # noqa: E402
+from neurojepa_pl.modules.pretrain import JEPAPretrainModule  # noqa: E402
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets (without sparsity).
+BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+TINY = {"img_size": [32, 36, 32], "patch_size": 4}
+
+
+def grouped_mm_flops(a_shape, b_shape, *args: Any, **kwargs: Any) -> int:
+    """FLOPs of ``torch._grouped_mm`` (2 per multiply-accumulate), which FlopCounterMode has no formula for."""
+    if len(a_shape) == 2 and len(b_shape) == 3:  # [T, K] x [G, K, N], groups along T (the MoE forward)
+        return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+    if len(a_shape) == 2 and len(b_shape) == 2:  # [K, T] x [T, N], groups along T (weight gradients)
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    if len(a_shape) == 3 and len(b_shape) == 3:  # [G, M, K] x [G, K, N]
+        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+    return 2 * a_shape[-2] * a_shape[-1] * b_shape[-1]  # [G, M, K] x [K, N], groups along N
+
+
+def load_module_args(config: Path, preset: str) -> tuple[dict, dict]:
+    """Model and data init args of an experiment YAML, shrunk to the test size for ``preset="tiny"``."""
+    cfg = yaml.safe_load(config.read_text())
+    model = dict(cfg["model"]["init_args"])
+    data = dict(cfg.get("data", {}).get("init_args", {}))
+    if preset == "tiny":
+        tiny_encoder = "vit_tiny_moe" if "moe" in model.get("encoder", "") else "vit_tiny"
+        model.update(encoder=tiny_encoder, encoder_overrides=TINY, predictor="predictor_tiny", predictor_overrides=TINY)
+    model.update(init_from=None, compile=False, mask_figure_every_n_steps=0, collapse_every_n_steps=0)
+    return model, data
+
+
+def make_batch(module: JEPAPretrainModule, data_args: dict, batch_size: int, device: torch.device) -> dict:
+    """Brain-like random volumes (a textured ellipsoid) collated with the experiment's masks and foreground map."""
+    img = module.context_encoder.config["img_size"]
+    grid = module.context_encoder.grid_size
+    g = torch.Generator().manual_seed(0)
+    axes = torch.meshgrid(*[torch.linspace(-1, 1, s) for s in img], indexing="ij")
+    inside = sum(a ** 2 / 0.8 ** 2 for a in axes) < 1
+    samples = [{"image": (inside * torch.rand(img, generator=g)).unsqueeze(0).float()} for _ in range(batch_size)]
+    make = vjepa2_mask_generators if data_args.get("masking") == "vjepa2" else paper_mask_generators
+    patch = img[0] // grid[0]
+    batch = JEPAMaskCollator(make(grid), patch_size=patch, seed=0)(samples)
+    return {k: ([t.to(device) for t in v] if isinstance(v, list) and v and torch.is_tensor(v[0])
+                else v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+class Stepper:
+    """A full optimizer update outside Lightning, in the order of SPEC 7 (what the callbacks do in a real run)."""
+
+    def __init__(self, module: JEPAPretrainModule, device: torch.device) -> None:
+        self.module = module.to(device).train()
+        self.device = device
+        self.optimizer = module.configure_optimizers()
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.target = list(module.target_encoder.parameters())
+        self.online = list(module.context_encoder.parameters())
+        self.moe = module.context_encoder.moe_layers()
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            return self.module.compute_loss(batch)
+
+    def step(self, batch: dict) -> torch.Tensor:
+        loss = self.loss(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for layer in self.moe:
+                layer.gate.bias.copy_(balance_bias_update(layer.gate.bias, layer.counts, 1e-4, True)[0])
+                layer.counts.zero_()
+        ema_update_(self.target, self.online, 0.99925)
+        return loss.detach()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(steppers: dict[str, Stepper], batch: dict, warmup: int, steps: int) -> dict[str, dict]:
+    """Median step time of each variant, alternating them step by step so that load drift hits all alike."""
+    device = next(iter(steppers.values())).device
+    for stepper in steppers.values():
+        for _ in range(warmup):
+            stepper.step(batch)
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    for _ in range(steps):
+        for name, stepper in steppers.items():
+            synchronize(device)
+            start = time.perf_counter()
+            stepper.step(batch)
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    results = {}
+    for name, stepper in steppers.items():
+        peak = None
+        if device.type == "cuda":  # one more step alone, to read this variant's own peak
+            torch.cuda.reset_peak_memory_stats(device)
+            stepper.step(batch)
+            synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device)
+        median = statistics.median(times[name])
+        results[name] = {"step_s": median, "step_s_all": times[name],
+                         "scans_per_s": batch["image"].shape[0] / median, "peak_memory_bytes": peak}
+    return results
+
+
+def flops_per_scan(stepper: Stepper, batch: dict) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten._grouped_mm: grouped_mm_flops})
+    with counter:
+        stepper.loss(batch).backward()
+    stepper.optimizer.zero_grad(set_to_none=True)
+    for layer in stepper.moe:
+        layer.counts.zero_()
+    return counter.get_total_flops() / batch["image"].shape[0]
+
+
+def bf16_peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in BF16_PEAK.items() if key in name), None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks/pretrain_step.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=REPO / "experiments/pretrain/neurojepa_base.yaml")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", choices=("tiny", "paper"), default="tiny",
+                        help="tiny: the test-size model; paper: the YAML's model as written")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 5 cpu / 10 cuda)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 cpu / 3 cuda)")
+    parser.add_argument("--batch", type=int, default=None, help="scans per step (default: tiny 2, paper the YAML's)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our encoders and predictor")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model_args, data_args = load_module_args(args.config, args.preset)
+    batch_size = args.batch or (2 if args.preset == "tiny" else int(data_args.get("batch_size", 48)))
+    steps = args.steps or (5 if device.type == "cpu" else 10)
+    warmup = args.warmup if args.warmup is not None else (1 if device.type == "cpu" else 3)
+
+    ours_module = JEPAPretrainModule(**{**model_args, "batch_masks": True})
+    base_module = copy.deepcopy(ours_module)  # same weights
+    base_module.hparams.batch_masks = False
+    for encoder in (base_module.context_encoder, base_module.target_encoder):
+        for layer in encoder.moe_layers():
+            layer.dispatch = "loop"
+    batch = make_batch(ours_module, data_args, batch_size, device)
+
+    ours, baseline = Stepper(ours_module, device), Stepper(base_module, device)
+    with torch.no_grad():  # numerics: both variants on the same batch and weights, before any update
+        loss_ours, loss_base = float(ours.loss(batch)), float(baseline.loss(batch))
+    for layer in ours.moe + baseline.moe:
+        layer.counts.zero_()
+    flops = flops_per_scan(ours, batch)
+    if args.compile:
+        for network in (ours_module.context_encoder, ours_module.target_encoder, ours_module.predictor):
+            network.compile()
+
+    timed = time_interleaved({"baseline": baseline, "ours": ours}, batch, warmup, steps)
+    timed_base, timed_ours = timed["baseline"], timed["ours"]
+    peak = bf16_peak(device)
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "config": str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config),
+        "preset": args.preset,
+        "encoder": model_args["encoder"],
+        "batch": batch_size,
+        "num_masks": len(batch["context_idx"]),
+        "precision": "bf16-autocast" if device.type == "cuda" else "fp32",
+        "compile": args.compile,
+        "ours": timed_ours,
+        "baseline": timed_base,
+        "speedup_ours_over_baseline": timed_ours["scans_per_s"] / timed_base["scans_per_s"],
+        "flops_per_scan": flops,
+        "flops_note": "fwd+bwd of one step; SDPA is not counted on CPU" if device.type == "cpu" else "fwd+bwd of one step",
+        "mfu_ours": None if peak is None else flops * timed_ours["scans_per_s"] / peak,
+        "mfu_baseline": None if peak is None else flops * timed_base["scans_per_s"] / peak,
+        "bf16_peak_flops": peak,
+        "loss_ours": loss_ours,
+        "loss_baseline": loss_base,
+        "loss_abs_diff": abs(loss_ours - loss_base),
+    }
+    if not all(math.isfinite(v) for v in (loss_ours, loss_base)):
+        raise RuntimeError(f"non-finite loss in the benchmark: ours {loss_ours}, baseline {loss_base}")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
