@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from neurojepa_pl.models import build_encoder, build_predictor, export_backbone, load_backbone, load_predictor
 from neurojepa_pl.models.checkpoint import native_to_reference, reference_to_native, strip_wrapper_prefixes
 
-REFERENCE_DIR = Path("/work/shared/reference")
+# The reference key/shape tables live in ../shared beside the repository root (never copied into the project).
+REFERENCE_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
 PREFIX = "module.backbone."
 
 
