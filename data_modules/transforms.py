@@ -209,7 +209,9 @@ class RequireForegroundd(MapTransform):
         return d
 
 
-def loading_transforms(settings: TransformSettings) -> Compose:
+def loading_transforms(
+    settings: TransformSettings, companion_keys: Sequence[str] = (), after_orientation: Sequence = ()
+) -> Compose:
     """The deterministic loading chain of SPEC 1.2, in that exact order.
 
     Load -> channel first -> (check 3D) -> NaN/Inf policy -> RAS -> percentile scaling 0.5/99.5 to [0, 1] (whole
@@ -218,11 +220,16 @@ def loading_transforms(settings: TransformSettings) -> Compose:
 
     Args:
         settings: the chain's settings; ``pad_crop_size``/``target_spacing`` = ``None`` skip those steps.
+        companion_keys: extra keys that go through every geometric/intensity step after the reorientation together
+            with ``image`` (QC carries the MNI template this way); the foreground crop box is always the scan's.
+        after_orientation: transforms inserted right after the RAS reorientation (e.g. one that adds a companion).
 
     Returns:
-        A MONAI ``Compose`` mapping ``{"image": path}`` to ``{"image": Tensor[1, *resize_to] float32}``.
+        A MONAI ``Compose`` mapping ``{"image": path}`` to ``{"image": Tensor[1, *resize_to] float32}`` (plus the
+        companion keys, same shape).
     """
     k = IMAGE_KEY
+    keys = [k, *companion_keys]
     lo, hi = settings.percentiles
     steps: list = [
         LoadImaged(keys=k, image_only=True, dtype=np.float32),
@@ -230,20 +237,21 @@ def loading_transforms(settings: TransformSettings) -> Compose:
         RequireSingleVolumed(keys=k),
         HandleNonFinited(keys=k, policy=settings.nan_policy),
         Orientationd(keys=k, axcodes=settings.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        ScaleIntensityRangePercentilesd(keys=k, lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True, channel_wise=False),
+        *after_orientation,
+        ScaleIntensityRangePercentilesd(keys=keys, lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True, channel_wise=False),
     ]
     if settings.pad_crop_size is not None:
-        steps.append(ResizeWithPadOrCropd(keys=k, spatial_size=settings.pad_crop_size, mode=settings.pad_mode))
+        steps.append(ResizeWithPadOrCropd(keys=keys, spatial_size=settings.pad_crop_size, mode=settings.pad_mode))
     if settings.target_spacing is not None:
         steps.append(
-            Spacingd(keys=k, pixdim=settings.target_spacing, mode=settings.spacing_interp, padding_mode="border")
+            Spacingd(keys=keys, pixdim=settings.target_spacing, mode=settings.spacing_interp, padding_mode="border")
         )
     steps += [
         RequireForegroundd(keys=k),
-        CropForegroundd(keys=k, source_key=k, margin=settings.fg_margin, allow_smaller=True),
-        Resized(keys=k, spatial_size=settings.resize_to, mode=settings.resize_mode),
+        CropForegroundd(keys=keys, source_key=k, margin=settings.fg_margin, allow_smaller=True),
+        Resized(keys=keys, spatial_size=settings.resize_to, mode=settings.resize_mode),
         # The cache stores plain tensors: MetaTensor metadata is not needed after RAS/spacing and would bloat it.
-        EnsureTyped(keys=k, data_type="tensor", dtype=torch.float32, track_meta=False),
+        EnsureTyped(keys=keys, data_type="tensor", dtype=torch.float32, track_meta=False),
     ]
     return Compose(steps)
 

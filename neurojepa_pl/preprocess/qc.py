@@ -38,29 +38,10 @@ import scipy.ndimage as ndi
 import torch
 import yaml
 from monai.data import MetaTensor
-from monai.transforms import (
-    Compose,
-    CropForegroundd,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    LoadImaged,
-    MapTransform,
-    Orientationd,
-    Resized,
-    ResizeWithPadOrCropd,
-    ScaleIntensityRangePercentilesd,
-    Spacingd,
-)
+from monai.transforms import Compose, MapTransform
 from nibabel.filebasedimages import ImageFileError
 
-from data_modules.transforms import (
-    IMAGE_KEY,
-    HandleNonFinited,
-    RequireForegroundd,
-    RequireSingleVolumed,
-    ScanRejected,
-    TransformSettings,
-)
+from data_modules.transforms import IMAGE_KEY, ScanRejected, TransformSettings, loading_transforms
 
 from .templates import load_template
 
@@ -210,33 +191,13 @@ class AddTemplated(MapTransform):
 def qc_pair_transforms(settings: TransformSettings, resampler: TemplateResampler, modality: str) -> Compose:
     """SPEC 1.2 loading chain on ``image`` with the template carried along (keys ``image`` and ``template``).
 
-    Mirrors :func:`data_modules.transforms.loading_transforms` step by step with the same settings; the template is
-    inserted after the RAS reorientation and the foreground crop box is the scan's.
+    The very same :func:`data_modules.transforms.loading_transforms` with the template inserted after the RAS
+    reorientation as a companion key, so the scan goes through exactly the training chain and the foreground crop box
+    is the scan's.
     """
-    k, both = IMAGE_KEY, [IMAGE_KEY, TEMPLATE_KEY]
-    lo, hi = settings.percentiles
-    steps: list = [
-        LoadImaged(keys=k, image_only=True, dtype=np.float32),
-        EnsureChannelFirstd(keys=k),
-        RequireSingleVolumed(keys=k),
-        HandleNonFinited(keys=k, policy=settings.nan_policy),
-        Orientationd(keys=k, axcodes=settings.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        AddTemplated(resampler, modality),
-        ScaleIntensityRangePercentilesd(keys=both, lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True),
-    ]
-    if settings.pad_crop_size is not None:
-        steps.append(ResizeWithPadOrCropd(keys=both, spatial_size=settings.pad_crop_size, mode=settings.pad_mode))
-    if settings.target_spacing is not None:
-        steps.append(
-            Spacingd(keys=both, pixdim=settings.target_spacing, mode=settings.spacing_interp, padding_mode="border")
-        )
-    steps += [
-        RequireForegroundd(keys=k),
-        CropForegroundd(keys=both, source_key=k, margin=settings.fg_margin, allow_smaller=True),
-        Resized(keys=both, spatial_size=settings.resize_to, mode=settings.resize_mode),
-        EnsureTyped(keys=both, data_type="tensor", dtype=torch.float32, track_meta=False),
-    ]
-    return Compose(steps)
+    return loading_transforms(
+        settings, companion_keys=(TEMPLATE_KEY,), after_orientation=(AddTemplated(resampler, modality),)
+    )
 
 
 def load_pair(
