@@ -9,26 +9,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from downstream_tiny import tiny_overrides
 from neurojepa_pl.cli import lightning_main
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 DOWNSTREAM_YAMLS = sorted(p for folder in ("finetune", "fewshot", "survival") for p in (EXPERIMENTS / folder).glob("*.yaml"))
-
-
-def tiny_overrides(manifest: Path) -> list[str]:
-    """The size overrides every downstream YAML must accept (shared convention of the experiment tests)."""
-    return [
-        "--model.init_args.backbone", "vit_tiny",
-        "--model.init_args.backbone_kwargs", "{img_size: [32,36,32], patch_size: 4}",
-        "--data.init_args.manifest", str(manifest),
-        "--data.init_args.spatial_size", "[32,36,32]",
-        "--data.init_args.resize_to", "[34,40,34]",
-        "--data.init_args.pad_crop_size", "null",
-        "--data.init_args.target_spacing", "null",
-        "--data.init_args.batch_size", "4",
-        "--data.init_args.num_workers", "0",
-        "--trainer.fast_dev_run", "1",
-    ]
 
 
 def test_all_downstream_yamls_are_collected():

@@ -8,27 +8,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from downstream_tiny import tiny_overrides
 from neurojepa_pl.cli import lightning_main
 
 YAML_DIR = Path(__file__).resolve().parents[2] / "experiments" / "multimodal"
 YAMLS = sorted(YAML_DIR.glob("*.yaml"))
 FUSIONS = ("avg", "late", "mil", "poe", "poe_joint")
-
-
-def tiny_overrides(manifest: Path) -> list[str]:
-    """The project's tiny-size convention for downstream YAMLs."""
-    return [
-        "--model.init_args.backbone", "vit_tiny",
-        "--model.init_args.backbone_kwargs", "{img_size: [32,36,32], patch_size: 4}",
-        "--data.init_args.manifest", str(manifest),
-        "--data.init_args.spatial_size", "[32,36,32]",
-        "--data.init_args.resize_to", "[34,40,34]",
-        "--data.init_args.pad_crop_size", "null",
-        "--data.init_args.target_spacing", "null",
-        "--data.init_args.batch_size", "4",
-        "--data.init_args.num_workers", "0",
-        "--trainer.fast_dev_run", "1",
-    ]
 
 
 def test_one_yaml_per_fusion_method_and_a_unimodal_baseline():

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from scipy import stats
 
+from downstream_tiny import tiny_overrides
 from neurojepa_pl.tools.fewshot import main, summarise_runs, t_interval
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-from test_downstream_yamls import EXPERIMENTS, tiny_overrides  # noqa: E402
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 
 
 def test_t_interval_by_hand():
