@@ -19,7 +19,8 @@ def _row(run, auroc, low, high, ap=0.5, bacc=0.5, n=10):
 
 
 def test_format_probe_table_rounds_and_marks_undefined_values():
-    table = demo_probe.format_probe_table([_row("a", 0.87654, 0.7, 0.99), _row("b", None, None, None, bacc=float("nan"))])
+    rows = [_row("a", 0.87654, 0.7, 0.99), _row("b", None, None, None, bacc=float("nan"))]
+    table = demo_probe.format_probe_table(rows)
     lines = table.splitlines()
     assert len(lines) == 4 and lines[0].startswith("| run | test AUROC [95% CI] | AUPRC [95% CI]")
     assert lines[2] == "| a: a model | 0.877 [0.700, 0.990] | 0.500 [0.400, 0.600] | 0.500 | 10 | 12 |"
@@ -32,7 +33,7 @@ def test_plan_runs_share_data_and_differ_only_in_model(tmp_path):
                                          "pad_crop_size": None, "target_spacing": None})
     runs = demo_probe.plan_runs(tmp_path, Path("m.csv"), Path("p.ckpt"), setup, epochs=3, cnn_epochs=4)
     assert [r.name for r in runs] == ["jepa_probe", "random_probe", "cnn_scratch"]
-    assert [r.config.name for r in runs] == ["synth_tumour_probe.yaml", "synth_tumour_probe.yaml", "synth_tumour_cnn.yaml"]
+    assert [r.config for r in runs] == [demo_probe.PROBE_CONFIG, demo_probe.PROBE_CONFIG, demo_probe.CNN_CONFIG]
 
     def value(run, key):  # the last occurrence wins in LightningCLI, as here
         args = list(run.overrides)
@@ -45,9 +46,11 @@ def test_plan_runs_share_data_and_differ_only_in_model(tmp_path):
     assert json.loads(value(runs[0], "--data.init_args.spatial_size")) == [48, 54, 48]
     assert value(runs[0], "--data.init_args.pad_crop_size") == "null"
     assert value(runs[0], "--model.init_args.checkpoint") == "p.ckpt"
-    assert value(runs[1], "--model.init_args.checkpoint") is None and value(runs[2], "--model.init_args.checkpoint") is None
+    assert value(runs[1], "--model.init_args.checkpoint") is None
+    assert value(runs[2], "--model.init_args.checkpoint") is None
     assert value(runs[1], "--model.init_args.backbone") == "vit_tiny_moe"
-    assert json.loads(value(runs[1], "--model.init_args.backbone_kwargs")) == {"img_size": [48, 54, 48], "patch_size": 6}
+    assert json.loads(value(runs[1], "--model.init_args.backbone_kwargs")) == setup.encoder_overrides
+    assert [value(r, "--model.init_args.head_depth") for r in runs] == ["1", "1", None]
     assert json.loads(value(runs[2], "--model.init_args.cnn_kwargs")) == demo_probe.SMALL_CNN
     assert [value(r, "--trainer.max_epochs") for r in runs] == ["3", "3", "4"]
     assert value(runs[2], "--model.init_args.output_dir") == str(tmp_path / "probe" / "cnn_scratch")
@@ -66,7 +69,8 @@ def test_probe_table_end_to_end(synth_cohort, tmp_path, capsys):
         "--model.init_args.encoder_overrides", TINY, "--model.init_args.predictor_overrides", TINY,
         "--data.init_args.spatial_size", "[32,36,32]", "--data.init_args.resize_to", "[34,40,34]",
         "--data.init_args.patch_size", "4", "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
-        "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
+        "--trainer.max_steps", "2", "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false"])
     setup = demo_probe.read_pretraining_setup(pretrained.checkpoint)
     assert setup.encoder == "vit_tiny_moe" and setup.data_settings["spatial_size"] == [32, 36, 32]
 
