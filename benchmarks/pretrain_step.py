@@ -158,6 +158,38 @@ def flops_per_scan(stepper: Stepper, batch: dict) -> float:
     return counter.get_total_flops() / batch["image"].shape[0]
 
 
+def profile_steps(stepper: Stepper, batch: dict, steps: int, path: Path) -> dict[str, float]:
+    """Run ``steps`` updates under ``torch.profiler``; write the per-operator table to ``path`` and return a summary.
+
+    The summary splits the device time (CPU time on CPU) into matrix products (GEMM / grouped GEMM kernels),
+    attention kernels and everything else, as fractions of the profiled total, to show what limits the step.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = stepper.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            stepper.step(batch)
+        synchronize(stepper.device)
+    events = prof.key_averages()
+    sort_key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    path.write_text(events.table(sort_by=sort_key, row_limit=60, max_name_column_width=90))
+    if cuda:  # device kernels only (operator rows also carry their kernels' time, which would count it twice)
+        rows = [(e.key, e.self_device_time_total) for e in events if e.device_type == DeviceType.CUDA]
+    else:
+        rows = [(e.key, e.self_cpu_time_total) for e in events]
+    total = sum(t for _, t in rows) or 1.0
+    def share(*needles: str) -> float:
+        return sum(t for name, t in rows if any(n in name.lower() for n in needles)) / total
+    gemm = share("gemm", "matmul", "cutlass", "xmma", "nvjet", "aten::mm", "aten::bmm", "aten::addmm", "_grouped_mm")
+    attention = share("flash", "attention", "fmha")
+    return {"profiled_steps": steps, "time_per_step_s": total / steps / 1e6,
+            "share_gemm": gemm, "share_attention": attention, "share_other": max(0.0, 1.0 - gemm - attention),
+            "table": str(path)}
+
+
 def bf16_peak(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -175,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 cpu / 3 cuda)")
     parser.add_argument("--batch", type=int, default=None, help="scans per step (default: tiny 2, paper the YAML's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile our encoders and predictor")
+    parser.add_argument("--profile", type=Path, default=None, metavar="TXT",
+                        help="after timing, profile 3 of our steps; write the operator table here, a summary in the JSON")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -204,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
     timed = time_interleaved({"baseline": baseline, "ours": ours}, batch, warmup, steps)
     timed_base, timed_ours = timed["baseline"], timed["ours"]
+    profile = profile_steps(ours, batch, 3, args.profile) if args.profile else None
     peak = bf16_peak(device)
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -226,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         "loss_ours": loss_ours,
         "loss_baseline": loss_base,
         "loss_abs_diff": abs(loss_ours - loss_base),
+        "profile_ours": profile,
     }
     if not all(math.isfinite(v) for v in (loss_ours, loss_base)):
         raise RuntimeError(f"non-finite loss in the benchmark: ours {loss_ours}, baseline {loss_base}")
