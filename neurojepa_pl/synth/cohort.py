@@ -210,6 +210,7 @@ def generate_subject(
     sessions: tuple[int, int] = (1, 3),
     prevalence: dict[str, float] | None = None,
     return_tissue: bool = False,
+    wmh_scale: float = 1.0,
 ) -> SynthSubject:
     """Render subject ``index`` of the cohort with ``seed`` in memory (nothing is written).
 
@@ -220,11 +221,13 @@ def generate_subject(
         modalities: contrasts to render, a subset of ``("T1w", "T2w", "FLAIR")``.
         n_sites, sessions, prevalence: cohort options, see ``labels.sample_subject_labels``.
         return_tissue: also return the class fractions of every session (``pathology.CLASSES``).
+        wmh_scale: WMH volume multiplier, see ``labels.sample_subject_labels``.
 
     Returns:
         The ``SynthSubject``; each session's images are ``[D, H, W]`` float32 in int16 scanner units.
     """
-    plan = sample_subject_labels(seed, index, n_sites=n_sites, sessions=sessions, prevalence=prevalence)
+    plan = sample_subject_labels(seed, index, n_sites=n_sites, sessions=sessions, prevalence=prevalence,
+                                 wmh_scale=wmh_scale)
     atlas = load_atlas(grid)
     subject = SynthSubject(subject_id=plan.subject_id, plan=plan, affine=atlas.affine.copy())
     subject.sessions.extend(iter_sessions(plan, seed, grid, modalities, return_tissue))
@@ -245,11 +248,13 @@ class _CohortTask:
     n_sites: int
     sessions: tuple[int, int]
     prevalence: dict[str, float]
+    wmh_scale: float = 1.0
 
 
 def _write_subject(task: _CohortTask, index: int) -> tuple[list[dict[str, object]], dict[str, object]]:
     """Render and write one subject; returns its manifest rows and its participants.tsv row."""
-    plan = sample_subject_labels(task.seed, index, task.n_sites, task.sessions, task.prevalence)
+    plan = sample_subject_labels(task.seed, index, task.n_sites, task.sessions, task.prevalence,
+                                 wmh_scale=task.wmh_scale)
     affine = load_atlas(task.grid).affine
     rows: list[dict[str, object]] = []
     pending: list[Future] = []
@@ -296,6 +301,7 @@ def _description(task: _CohortTask, n_subjects: int) -> dict[str, object]:
             "n_sites": task.n_sites,
             "sessions": list(task.sessions),
             "prevalence": task.prevalence,
+            "wmh_scale": task.wmh_scale,
             "intensity_units": "int16, signal x site gain x 1000, no scaling",
             "survival_model": {
                 "log_hazard_per_day": "b0 + b_age*age_z + b_tumour*tumour + b_volume*tumour_volume_z",
@@ -325,6 +331,7 @@ def generate_cohort(
     prevalence: dict[str, float] | None = None,
     workers: int = 1,
     split: bool = False,
+    wmh_scale: float = 1.0,
 ) -> pd.DataFrame:
     """Generate a SynthBrain cohort: NIfTI scans in a BIDS-like tree, ``participants.tsv`` and ``manifest.csv``.
 
@@ -339,6 +346,8 @@ def generate_cohort(
         prevalence: pathology prevalences, e.g. ``{"tumour": 0.4}`` (see ``labels.DEFAULT_PREVALENCE``).
         workers: processes rendering subjects in parallel (1 = in this process).
         split: add a patient-level 60/20/20 ``split`` column (``data_modules.manifest.assign_patient_splits``).
+        wmh_scale: WMH volume multiplier (default 1; the multimodal WMH task uses 4 so that FLAIR carries a clear
+            signal), see ``labels.sample_subject_labels``.
 
     Returns:
         The per-scan manifest (also written to ``out_dir/manifest.csv``, paths relative to it).
@@ -357,6 +366,7 @@ def generate_cohort(
         n_sites=int(n_sites),
         sessions=(int(sessions[0]), int(sessions[1])),
         prevalence=resolve_prevalence(prevalence),
+        wmh_scale=float(wmh_scale),
     )
     load_atlas(task.grid)  # build once here so forked workers share it
     indices = range(n_subjects)

@@ -216,6 +216,7 @@ def sample_subject_labels(
     sessions: tuple[int, int] = (1, 3),
     prevalence: dict[str, float] | None = None,
     survival: SurvivalModel = SURVIVAL_MODEL,
+    wmh_scale: float = 1.0,
 ) -> SubjectPlan:
     """Draw the plan (labels and generative parameters) of subject ``index`` of the cohort with ``seed``.
 
@@ -228,6 +229,8 @@ def sample_subject_labels(
         prevalence: pathology prevalences (defaults ``DEFAULT_PREVALENCE``); WMH probability rises with age around
             its mean prevalence: ``p = prevalence * (0.3 + 1.4 * age_factor)``, clipped to [0, 1].
         survival: the hazard model.
+        wmh_scale: multiplies every WMH volume (the 80 ml cap too); > 1 builds a WMH-detection task where FLAIR
+            carries a clear signal (the multimodal experiments use 4). Changes no other draw.
 
     Returns:
         The ``SubjectPlan``.
@@ -238,6 +241,8 @@ def sample_subject_labels(
     if n_sites < 1:
         raise ValueError(f"n_sites must be at least 1; got {n_sites}")
     rates = resolve_prevalence(prevalence)
+    if not wmh_scale > 0:
+        raise ValueError(f"wmh_scale must be positive; got {wmh_scale}")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index), LABEL_STREAM]))
 
     sex = "M" if rng.random() < 0.5 else "F"
@@ -257,7 +262,7 @@ def sample_subject_labels(
 
     # Every draw below happens whatever the flags are, so changing one prevalence does not reshuffle the others.
     wmh0 = float(np.clip(np.exp(rng.normal(math.log(3.0 + 12.0 * age_factor(age0)), 0.5)), 0.5, 60.0))
-    wmh_volumes = tuple(min(80.0, wmh0 * (1.0 + 0.2 * y)) if flags["wmh"] else 0.0 for y in years)
+    wmh_volumes = tuple(wmh_scale * min(80.0, wmh0 * (1.0 + 0.2 * y)) if flags["wmh"] else 0.0 for y in years)
     tumour0 = float(np.clip(np.exp(rng.normal(math.log(15.0), 0.6)), 3.0, 50.0))
     growth = float(rng.uniform(0.3, 1.0))
     tumour_volumes = tuple(min(90.0, tumour0 * math.exp(growth * y)) for y in years)

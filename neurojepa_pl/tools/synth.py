@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--prevalence", type=_prevalence, nargs="+", default=None, metavar="NAME=P",
         help="pathology prevalences, e.g. tumour=0.4 wmh=0.35 haemorrhage=0.15 infarct=0.15 (these are the defaults)",
     )
+    parser.add_argument(
+        "--wmh-scale", type=float, default=1.0, metavar="F",
+        help="multiply every WMH volume by F (default 1; the multimodal WMH task uses 4: FLAIR then carries a clear signal)",
+    )
     parser.add_argument("--split", action="store_true", help="add a patient-level 60/20/20 train/val/test split column")
     parser.add_argument(
         "--workers", type=int, default=None, metavar="W",
@@ -97,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prevalence=dict(args.prevalence) if args.prevalence else None,
             workers=workers,
             split=args.split,
+            wmh_scale=args.wmh_scale,
         )
     except ValueError as err:
         print(f"neurojepa synth: {err}", file=sys.stderr)

@@ -1,3 +1,5 @@
+import json
+
 import pandas as pd
 import pytest
 
@@ -14,7 +16,8 @@ def test_help_describes_the_tool(capsys):
 
 def test_cli_writes_a_cohort_and_prints_a_summary(tmp_path, capsys):
     code = main(["--out", str(tmp_path), "--subjects", "3", "--seed", "2", "--grid", "48x54x48",
-                 "--modalities", "T1w", "FLAIR", "--sites", "2", "--split", "--prevalence", "tumour=1.0"])
+                 "--modalities", "T1w", "FLAIR", "--sites", "2", "--split", "--prevalence", "tumour=1.0",
+                 "--wmh-scale", "2"])
     assert code == 0
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith("SynthBrain: 3 subjects") and "grid 48x54x48" in summary
@@ -22,6 +25,8 @@ def test_cli_writes_a_cohort_and_prints_a_summary(tmp_path, capsys):
     assert set(manifest["modality"]) == {"T1w", "FLAIR"}
     assert set(manifest["site"]) <= {"site-0", "site-1"}
     assert manifest["tumour"].all() and "split" in manifest.columns
+    description = json.loads((tmp_path / "dataset_description.json").read_text())
+    assert description["Synthesis"]["wmh_scale"] == 2.0
 
 
 def test_cli_rejects_a_bad_grid(capsys):

@@ -127,6 +127,15 @@ def test_wmh_is_nearly_invisible_on_t1w_but_bright_on_flair():
     assert ratio["FLAIR"] > 1.3 and ratio["T2w"] > 1.3, ratio
 
 
+def test_wmh_scale_paints_proportionally_more_lesion():
+    only_wmh = {**HEALTHY, "wmh": 1.0}
+    index = next(i for i in range(100) if sample_subject_labels(0, i, prevalence=only_wmh).flags["wmh"])
+    volumes = [generate_subject(0, index, grid=TINY_GRID, prevalence=only_wmh, wmh_scale=scale).sessions[0]
+               .labels["wmh_volume_ml"] for scale in (1.0, 3.0)]
+    assert volumes[0] > 1.0
+    assert volumes[1] == pytest.approx(3.0 * volumes[0], rel=0.1)  # painted (measured) volume, not only the plan
+
+
 def test_csf_fraction_grows_with_age():
     subjects = [generate_subject(0, i, grid=TINY_GRID, prevalence=HEALTHY, return_tissue=True) for i in range(10)]
     ages, fractions = [], []

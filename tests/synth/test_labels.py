@@ -40,6 +40,19 @@ def test_prevalence_override_changes_only_that_pathology():
         resolve_prevalence({"glioma": 0.3})
 
 
+def test_wmh_scale_multiplies_only_the_wmh_volumes():
+    base = [sample_subject_labels(1, i) for i in range(200)]
+    scaled = [sample_subject_labels(1, i, wmh_scale=4.0) for i in range(200)]
+    for plain, big in zip(base, scaled):
+        assert plain.flags == big.flags and plain.tumour == big.tumour and plain.survival_time == big.survival_time
+        for a, b in zip(plain.sessions, big.sessions):
+            assert b.wmh_volume_ml == pytest.approx(4.0 * a.wmh_volume_ml, abs=3e-3)  # both rounded to 1e-3 ml
+            assert b.tumour_volume_ml == a.tumour_volume_ml
+    assert any(s.wmh_volume_ml > 0 for p in base for s in p.sessions)
+    with pytest.raises(ValueError, match="wmh_scale must be positive"):
+        sample_subject_labels(1, 0, wmh_scale=0.0)
+
+
 def test_sessions_share_the_subject_and_move_forward(plans):
     multi = [p for p in plans if len(p.sessions) > 1]
     assert len(multi) > 300  # some patients get 2-3 sessions
