@@ -37,6 +37,7 @@ import torch
 from neurojepa_pl.metrics.report import read_metrics_json
 
 __all__ = ["PretrainingSetup", "ProbeRun", "read_pretraining_setup", "plan_runs", "fit_and_test", "run_probe_table",
+           "cli_value", "format_with_ci",
            "format_probe_table", "main", "SMALL_CNN"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ DATA_SETTING_KEYS = ("spatial_size", "resize_to", "pad_crop_size", "target_spaci
 """Preprocessing settings the downstream data module must share with pretraining."""
 
 
-def _cli_value(value: Any) -> str:
+def cli_value(value: Any) -> str:
     # JSON is valid YAML, which is how LightningCLI parses dict / list / null values on the command line.
     return json.dumps(value)
 
@@ -118,14 +119,14 @@ def plan_runs(workdir: Path, manifest: Path, pretrained_checkpoint: Path, setup:
     shared = [
         "--data.init_args.manifest", str(manifest),
         "--data.init_args.cache_dir", str(Path(workdir) / "cache"),
-        "--data.init_args.label_columns", _cli_value([task_label]),
+        "--data.init_args.label_columns", cli_value([task_label]),
         "--data.init_args.modality", modality,
-        *(arg for key, value in setup.data_settings.items() for arg in (f"--data.init_args.{key}", _cli_value(value))),
+        *(arg for key, value in setup.data_settings.items() for arg in (f"--data.init_args.{key}", cli_value(value))),
         "--trainer.logger.init_args.save_dir", str(out),
         "--trainer.default_root_dir", str(out),
     ]
     backbone = ["--model.init_args.backbone", setup.encoder,
-                "--model.init_args.backbone_kwargs", _cli_value(setup.encoder_overrides)]
+                "--model.init_args.backbone_kwargs", cli_value(setup.encoder_overrides)]
     probe = [*backbone, "--model.init_args.head_depth", str(probe_head_depth), "--model.init_args.lr", str(probe_lr),
              "--trainer.max_epochs", str(epochs)]
     cnn_label = "x".join(str(w) for w in cnn_kwargs.get("widths", ()))
@@ -135,7 +136,7 @@ def plan_runs(workdir: Path, manifest: Path, pretrained_checkpoint: Path, setup:
         ProbeRun("random_probe", f"attentive probe (depth {probe_head_depth}), random-init encoder (frozen)",
                  PROBE_CONFIG, tuple(probe)),
         ProbeRun("cnn_scratch", f"CNN from scratch (small: widths {cnn_label})", CNN_CONFIG,
-                 ("--model.init_args.cnn_kwargs", _cli_value(cnn_kwargs), "--model.init_args.lr", str(cnn_lr),
+                 ("--model.init_args.cnn_kwargs", cli_value(cnn_kwargs), "--model.init_args.lr", str(cnn_lr),
                   "--trainer.max_epochs", str(cnn_epochs))),
     ]
     return [ProbeRun(run.name, run.description, run.config,
@@ -231,7 +232,7 @@ def run_probe_table(workdir: Path, manifest: Path, pretrained_checkpoint: Path, 
     return rows
 
 
-def _with_ci(value: float | None, low: float | None, high: float | None) -> str:
+def format_with_ci(value: float | None, low: float | None, high: float | None) -> str:
     def fmt(x: float | None) -> str:
         return "nan" if x is None or not math.isfinite(x) else f"{x:.3f}"
 
@@ -246,8 +247,8 @@ def format_probe_table(rows: Sequence[dict]) -> str:
         bacc = row["balanced_accuracy"]
         cells = [
             f"{row['run']}: {row['description']}",
-            _with_ci(row["auroc"], row["auroc_ci_low"], row["auroc_ci_high"]),
-            _with_ci(row["ap"], row["ap_ci_low"], row["ap_ci_high"]),
+            format_with_ci(row["auroc"], row["auroc_ci_low"], row["auroc_ci_high"]),
+            format_with_ci(row["ap"], row["ap_ci_low"], row["ap_ci_high"]),
             "nan" if bacc is None or not math.isfinite(bacc) else f"{bacc:.3f}",
             str(row["n_test"]),
             f"{row['fit_test_seconds']:.0f}",
