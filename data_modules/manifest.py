@@ -490,18 +490,33 @@ def _check_duplicates(df: pd.DataFrame, form: str) -> list[Problem]:
             value = df.at[row, col]
             if _is_blank(value):
                 continue
-            if value in seen:
+            first = seen.get(value)
+            if first is None:
+                seen[value] = int(row)
+            elif form == "paired" and first != row and df.at[first, "subject_id"] == df.at[row, "subject_id"]:
+                # Published pairings can reuse one scan in several pairs (PPMI T1w+T2w: one T1w, several T2w);
+                # each pair is its own sample of the same patient, so this is reported, not refused.
+                problems.append(
+                    Problem(
+                        "shared_scan",
+                        int(row),
+                        str(value),
+                        f"the file is also paired in row {first} (same subject)",
+                        "fine when the pairing really reuses one scan (e.g. the published PPMI T1w+T2w pairs); "
+                        "otherwise list every scan once.",
+                        severity="warning",
+                    )
+                )
+            else:
                 problems.append(
                     Problem(
                         "duplicate_path",
                         int(row),
                         str(value),
-                        f"the file is already listed in row {seen[value]}",
+                        f"the file is already listed in row {first}",
                         "list every scan once; if two sessions really share a file, the manifest is wrong.",
                     )
                 )
-            else:
-                seen[value] = int(row)
     keys = ["subject_id", "session_id", "modality"] if form == "per_scan" else ["subject_id", "session_id"]
     unique = df[~exact]
     dup_key = unique.duplicated(subset=keys, keep="first")

@@ -319,6 +319,25 @@ def test_pair_modalities(tmp_path):
     assert validate_manifest(relaxed, check_files=True, check_readable=False).ok
 
 
+def test_paired_rows_sharing_one_scan_warn_within_a_subject_and_fail_across(tmp_path):
+    df = load_manifest(make_cohort(tmp_path, n_subjects=3, modalities=("T1w", "T2w")))
+    paired = pair_modalities(df, modalities=("T1w", "T2w"), anchor="T1w")
+    assert validate_manifest(paired, check_files=False).ok
+    reuse = paired.iloc[[0]].copy()  # subject 000's T1w paired again, with another T2w (as PPMI's pairs do)
+    reuse["session_id"] = "ses-0+T2w-run2"
+    reuse["t2w_path"] = paired.loc[0, "t2w_path"].replace("_T2w", "_run-2_T2w")
+    shared = pd.concat([paired, reuse], ignore_index=True)
+    report = validate_manifest(shared, check_files=False)
+    assert report.ok
+    (problem,) = _only(report, "shared_scan")
+    assert problem.severity == "warning" and problem.row == 3 and "row 0" in problem.message
+    stolen = shared.copy()
+    stolen.loc[3, "subject_id"] = paired.loc[1, "subject_id"]  # another patient's scan: still an error
+    stolen.loc[3, "split"] = paired.loc[1, "split"]
+    bad = validate_manifest(stolen, check_files=False)
+    assert not bad.ok and [p.row for p in _only(bad, "duplicate_path")] == [3]
+
+
 def test_pair_modalities_rejects_disagreeing_session_labels(tmp_path):
     df = load_manifest(make_cohort(tmp_path, n_subjects=2, modalities=("T1w", "FLAIR")))
     df.loc[1, "tumour"] = 1  # FLAIR row of subject 000 says tumour, T1w row says none
