@@ -3,7 +3,8 @@
 Reads each run's ``predictions.csv`` (a run folder or the file), joins the rows on the scan (``path``, or
 ``subject_id`` + ``session_id``), checks that both runs saw the same targets, and prints for the chosen metric:
 each run's value with its bootstrap CI, the paired difference A − B with a paired bootstrap CI, and the two-sided
-paired permutation p-value (paper, "Statistical analysis").
+paired permutation p-value (paper, "Statistical analysis"). For rank metrics (AUROC, AP, C-index) the permutation
+swaps within-model ranks rather than raw scores (see :func:`rank_normalised`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
+from scipy.stats import rankdata
 
 from neurojepa_pl.metrics.bootstrap import bootstrap_metrics
 from neurojepa_pl.metrics.permutation import paired_permutation_test
@@ -29,6 +31,20 @@ _TARGETS = {"binary": ("target",), "multiclass": ("target",), "multilabel": ("ta
 _PREDICTIONS = {"binary": "score", "multiclass": "score", "multilabel": "score", "regression": "prediction",
                 "survival": "risk"}
 JOIN_KEYS = {"path": ["path"], "subject": ["subject_id", "session_id"]}
+RANK_METRICS = ("auroc", "ap", "selection", "cindex")
+"""Metrics that depend on each model's scores only through their order (``auroc/<class>`` etc. included)."""
+
+
+def rank_normalised(pred: np.ndarray) -> np.ndarray:
+    """Each column's scores replaced by their average ranks / n (in (0, 1]); ties stay ties.
+
+    The permutation test swaps the two models' scores sample by sample. When the models' scores live on different
+    scales (a probe whose probabilities all sit in 0.50-0.52 against a model spanning 0-1), swapped arrays mix the
+    scales and the null distribution of a rank metric widens for no reason. Rank metrics are invariant to a monotone
+    map of each model's scores, so testing on within-model ranks leaves both observed values unchanged and makes the
+    swapped scores comparable. Written here because scipy/scikit-learn offer the ranks but not this use of them.
+    """
+    return rankdata(pred, axis=0) / len(pred)
 
 
 def _joined(frame_a: pd.DataFrame, frame_b: pd.DataFrame, keys: list[str], run_a: str, run_b: str) -> np.ndarray:
@@ -107,10 +123,13 @@ def compare_runs(run_a: str | Path, run_b: str | Path, metric: str | None = None
         return {"a": value_a, "b": value_b, "delta": value_a - value_b}
 
     boot = bootstrap_metrics(both, y_a, pred_a, pred_b, n_boot=n_boot, alpha=alpha, seed=seed, stratify=stratify)
-    delta, p_value = paired_permutation_test(metric_fn, y_a, pred_a, pred_b, n_perm=n_perm, seed=seed)
+    by_rank = metric.split("/")[0] in RANK_METRICS
+    perm_a, perm_b = (rank_normalised(pred_a), rank_normalised(pred_b)) if by_rank else (pred_a, pred_b)
+    delta, p_value = paired_permutation_test(metric_fn, y_a, perm_a, perm_b, n_perm=n_perm, seed=seed)
     return {"task": task_a, "metric": metric, "n": int(len(pairs)), "a": list(boot["a"]), "b": list(boot["b"]),
             "delta": [delta, boot["delta"][1], boot["delta"][2]], "p_value": p_value, "n_perm": n_perm,
-            "n_boot": n_boot, "ci_level": 1 - alpha, "run_a": str(run_a), "run_b": str(run_b)}
+            "n_boot": n_boot, "ci_level": 1 - alpha, "run_a": str(run_a), "run_b": str(run_b),
+            "permuted": "within-model ranks" if by_rank else "raw predictions"}
 
 
 def _format(result: dict) -> str:
@@ -122,7 +141,8 @@ def _format(result: dict) -> str:
         f"  B  {result['run_b']}: {result['b'][0]:.4f} [{result['b'][1]:.4f}, {result['b'][2]:.4f}]",
         f"  A - B: {result['delta'][0]:+.4f} ({level}% paired bootstrap CI [{result['delta'][1]:+.4f}, "
         f"{result['delta'][2]:+.4f}])",
-        f"  two-sided paired permutation test ({result['n_perm']} permutations): p = {result['p_value']:.4g}",
+        f"  two-sided paired permutation test ({result['n_perm']} permutations of {result['permuted']}): "
+        f"p = {result['p_value']:.4g}",
     ]
     if metric in ("mae", "rmse"):
         lines.append("  (lower is better for this metric: a negative difference favours A)")

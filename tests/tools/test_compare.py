@@ -76,3 +76,31 @@ def test_mismatched_targets_and_tasks_are_refused(tmp_path):
         compare_runs(tmp_path / "a.csv", tmp_path / "r.csv", n_perm=10, n_boot=10)
     with pytest.raises(FileNotFoundError, match="neurojepa test"):
         compare_runs(tmp_path / "missing", tmp_path / "a.csv")
+
+
+def test_rank_metrics_permute_within_model_ranks_so_score_scales_do_not_matter(tmp_path):
+    # A ranks well with probabilities in 0.6-1; B is uninformative with every probability in 0.50-0.51 (as a barely
+    # trained probe against a fusion model in the multimodal demo). Swapping raw scores puts every A value above every
+    # B value, so a swapped array's AUROC says which samples were swapped, not how good either model is, and the gap
+    # drowns; swapping ranks does not.
+    rng = np.random.default_rng(3)
+    n = 50
+    y = np.arange(n) % 2
+    a = 0.6 + 0.4 * np.clip(0.3 + 0.4 * y + rng.normal(0, 0.15, n), 0, 1)
+    b = 0.5 + 0.01 * rng.random(n)
+    meta = {"subject_id": [f"s{i}" for i in range(n)], "session_id": ["ses-01"] * n,
+            "path": [f"/d/s{i}.nii.gz" for i in range(n)]}
+    for name, score in (("a", a), ("b", b)):
+        write_predictions(tmp_path / name / "predictions.csv", "binary", {"target": y, "score": score}, meta)
+    result = compare_runs(tmp_path / "a", tmp_path / "b", "auroc", n_perm=999, n_boot=200)
+    expected = classification_metrics("binary", y, a)["auroc"] - classification_metrics("binary", y, b)["auroc"]
+    assert result["delta"][0] == pytest.approx(expected) and expected > 0.35  # ranks leave the observed gap as is
+    assert result["permuted"] == "within-model ranks"
+    assert result["p_value"] < 0.01 and result["delta"][1] > 0
+    # The same data through a raw-score swap: an order of magnitude larger p-value (0.019 here; 0.148 vs 0.001 on the
+    # multimodal demo's late-fusion vs T1w-only test predictions).
+    from neurojepa_pl.metrics.permutation import paired_permutation_test
+    raw = paired_permutation_test(lambda t, s: classification_metrics("binary", t, s)["auroc"], y, a, b, n_perm=999)
+    assert raw[1] > 10 * result["p_value"]
+    thresholded = compare_runs(tmp_path / "a", tmp_path / "b", "balanced_accuracy", n_perm=99, n_boot=50)
+    assert thresholded["permuted"] == "raw predictions"  # not rank-invariant: the scores themselves are swapped
