@@ -32,7 +32,7 @@ import pandas as pd
 
 from neurojepa_pl.demo_probe import cli_value, format_with_ci, fit_and_test, read_pretraining_setup
 
-__all__ = ["ensure_wmh_cohort", "plan_runs", "run_all", "main", "FUSIONS", "RANDOM_INIT_SETUP"]
+__all__ = ["ensure_wmh_cohort", "plan_runs", "run_all", "format_tables", "main", "FUSIONS", "RANDOM_INIT_SETUP"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "experiments" / "multimodal"

@@ -52,3 +52,13 @@ def test_format_tables_lists_runs_then_both_gains():
     assert lines[3] == "| poe | T1w+FLAIR | 0.900 [0.800, 0.970] | 0.880 [0.750, 0.960] | 50 | 200 |"
     assert lines[7] == "| vs T1w alone | auroc | poe | t1w_only | 0.290 [0.120, 0.450] | 0.002 | 50 |"
     assert lines[8].startswith("| vs best unimodal (paper) | auroc | poe |")
+
+
+def test_random_init_setup_is_the_demo_pretraining_setup():
+    import yaml
+
+    config = yaml.safe_load((demo_multimodal.REPO_ROOT / "experiments/pretrain/synth_small.yaml").read_text())
+    model, data = config["model"]["init_args"], config["data"]["init_args"]
+    setup = demo_multimodal.RANDOM_INIT_SETUP
+    assert setup["encoder"] == model["encoder"] and setup["encoder_overrides"] == model["encoder_overrides"]
+    assert setup["data_settings"] == {key: data[key] for key in setup["data_settings"]}
