@@ -10,8 +10,9 @@ import lightning as L
 import pandas as pd
 import pytest
 import torch
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from tiny_data import SplitLoaders
 
 from neurojepa_pl.models.fusion import FUSION_HEADS
 from neurojepa_pl.modules.multimodal import MultimodalModule
@@ -48,26 +49,13 @@ class _Pairs(Dataset):
                 "path": f"/synthetic/{self.seed}/{i}_T1w.nii.gz"}
 
 
-class TinyPairedData(LightningDataModule):
+class TinyPairedData(SplitLoaders):
     def __init__(self, n_train=24, n_eval=12, batch_size=6, modality_names=("T1w", "FLAIR"), missing_every=0):
         super().__init__()
         self.task, self.num_classes, self.modality_names = "binary", 2, list(modality_names)
         self.splits = {"train": _Pairs(n_train, 0, missing_every), "val": _Pairs(n_eval, 1, missing_every),
                        "test": _Pairs(n_eval, 2, missing_every)}
         self.batch_size = batch_size
-
-    def train_dataloader(self):
-        return DataLoader(self.splits["train"], batch_size=self.batch_size, shuffle=True,
-                          generator=torch.Generator().manual_seed(0))
-
-    def val_dataloader(self):
-        return DataLoader(self.splits["val"], batch_size=self.batch_size)
-
-    def test_dataloader(self):
-        return DataLoader(self.splits["test"], batch_size=self.batch_size)
-
-    def predict_dataloader(self):
-        return DataLoader(self.splits["test"], batch_size=self.batch_size)
 
 
 def _trainer(max_epochs=2, **kwargs):

@@ -51,7 +51,27 @@ class _Scans(Dataset):
         return {"image": self.images[i], **self.items[i]}
 
 
-class TinyFinetuneData(LightningDataModule):
+class SplitLoaders(LightningDataModule):
+    """Loaders over ``self.splits`` (``train`` shuffled with a fixed seed; ``test`` also serves predict)."""
+
+    splits: dict[str, Dataset]
+    batch_size: int
+
+    def train_dataloader(self):
+        return DataLoader(self.splits["train"], batch_size=self.batch_size, shuffle=True,
+                          generator=torch.Generator().manual_seed(0))
+
+    def val_dataloader(self):
+        return DataLoader(self.splits["val"], batch_size=self.batch_size)
+
+    def test_dataloader(self):
+        return DataLoader(self.splits["test"], batch_size=self.batch_size)
+
+    def predict_dataloader(self):
+        return DataLoader(self.splits["test"], batch_size=self.batch_size)
+
+
+class TinyFinetuneData(SplitLoaders):
     """Train/val/test splits of a synthetic task; exposes ``task``, ``num_classes`` and ``datasets['train'].records``
     like ``data_modules.finetune.FinetuneDataModule``."""
 
@@ -69,16 +89,3 @@ class TinyFinetuneData(LightningDataModule):
         self.label_columns = [f"finding{b}" for b in range(num_labels)] if task == "multilabel" else ["label"]
         self.datasets = {"train": SimpleNamespace(records=[{"label": float(it["label"])} for it in
                                                            self.splits["train"].items] if task == "regression" else [])}
-
-    def train_dataloader(self):
-        return DataLoader(self.splits["train"], batch_size=self.batch_size, shuffle=True,
-                          generator=torch.Generator().manual_seed(0))
-
-    def val_dataloader(self):
-        return DataLoader(self.splits["val"], batch_size=self.batch_size)
-
-    def test_dataloader(self):
-        return DataLoader(self.splits["test"], batch_size=self.batch_size)
-
-    def predict_dataloader(self):
-        return DataLoader(self.splits["test"], batch_size=self.batch_size)
