@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from neurojepa_pl.demo_probe import cli_value, format_with_ci, fit_and_test, read_pretraining_setup
+from neurojepa_pl.demo_probe import cli_value, fit_and_test, format_with_ci, read_pretraining_setup, report_row
 
 __all__ = ["ensure_wmh_cohort", "plan_runs", "run_all", "format_tables", "main", "FUSIONS", "RANDOM_INIT_SETUP"]
 
@@ -101,15 +101,6 @@ def plan_runs(workdir: Path, manifest: Path, setup: dict[str, Any], checkpoint: 
             for name, config, own in runs]
 
 
-def _row(name: str, report: dict, seconds: float) -> dict[str, Any]:
-    row: dict[str, Any] = {"run": name, "modalities": "T1w+FLAIR" if name in FUSIONS else UNIMODAL[name]}
-    for metric in ("auroc", "ap"):
-        entry = report["metrics"][metric]
-        row.update({metric: entry["value"], f"{metric}_ci_low": entry["ci_low"], f"{metric}_ci_high": entry["ci_high"]})
-    row.update(n_test=int(report["n"]), fit_test_seconds=round(seconds, 1))
-    return row
-
-
 def run_all(workdir: Path, manifest: Path, setup: dict[str, Any], checkpoint: Path | None,
             **plan_kwargs: Any) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Fit and test the seven runs, then the two gain tables; returns ``(runs, gain_vs_t1w, gain_vs_best)``."""
@@ -119,7 +110,8 @@ def run_all(workdir: Path, manifest: Path, setup: dict[str, Any], checkpoint: Pa
     for name, config, overrides in plan_runs(workdir, manifest, setup, checkpoint, **plan_kwargs):
         start = time.perf_counter()
         report = fit_and_test(config, overrides, Path(workdir) / "runs" / name)
-        rows.append(_row(name, report, time.perf_counter() - start))
+        modalities = "T1w+FLAIR" if name in FUSIONS else UNIMODAL[name]
+        rows.append(report_row(report, time.perf_counter() - start, ("auroc", "ap"), run=name, modalities=modalities))
     runs = pd.DataFrame(rows)
     out = Path(workdir) / "runs"
     fused = [out / name for name in FUSIONS]

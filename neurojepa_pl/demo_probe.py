@@ -37,8 +37,7 @@ import torch
 from neurojepa_pl.metrics.report import read_metrics_json
 
 __all__ = ["PretrainingSetup", "ProbeRun", "read_pretraining_setup", "plan_runs", "fit_and_test", "run_probe_table",
-           "cli_value", "format_with_ci",
-           "format_probe_table", "main", "SMALL_CNN"]
+           "report_row", "cli_value", "format_with_ci", "format_probe_table", "main", "SMALL_CNN"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROBE_CONFIG = REPO_ROOT / "experiments" / "finetune" / "synth_tumour_probe.yaml"
@@ -171,11 +170,13 @@ def _test_scans(out_dir: Path) -> list[tuple[str, str]]:
     return sorted(zip(frame["subject_id"], frame["session_id"]))
 
 
-def _table_row(run: ProbeRun, report: dict, seconds: float) -> dict[str, Any]:
-    metrics = report["metrics"]
-    row: dict[str, Any] = {"run": run.name, "description": run.description}
-    for name in ("auroc", "ap", "balanced_accuracy"):
-        entry = metrics[name]
+def report_row(report: dict, seconds: float, metrics: Sequence[str] = ("auroc", "ap", "balanced_accuracy"),
+               **columns: Any) -> dict[str, Any]:
+    """One table row from a run's ``metrics.json``: ``columns`` (the run's identity), then each metric with its CI
+    bounds (``<m>``, ``<m>_ci_low``, ``<m>_ci_high``), ``n_test`` and ``fit_test_seconds``."""
+    row: dict[str, Any] = dict(columns)
+    for name in metrics:
+        entry = report["metrics"][name]
         row.update({name: entry["value"], f"{name}_ci_low": entry["ci_low"], f"{name}_ci_high": entry["ci_high"]})
     row.update(n_test=int(report["n"]), fit_test_seconds=round(seconds, 1))
     return row
@@ -221,7 +222,7 @@ def run_probe_table(workdir: Path, manifest: Path, pretrained_checkpoint: Path, 
         out_dir = Path(workdir) / "probe" / run.name
         start = time.perf_counter()
         report = fit_and_test(run.config, run.overrides, out_dir)
-        rows.append(_table_row(run, report, time.perf_counter() - start))
+        rows.append(report_row(report, time.perf_counter() - start, run=run.name, description=run.description))
         scans[run.name] = _test_scans(out_dir)
     reference = runs[0].name
     differing = [name for name, test in scans.items() if test != scans[reference]]
