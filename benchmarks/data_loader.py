@@ -1,9 +1,9 @@
-"""Data-loader throughput: the full NIfTI chain vs the persistent cache, both followed by the SPEC 1.4 augmentations.
+"""Data-loader throughput: the full NIfTI chain vs the persistent cache, both followed by the docs/method.md §1.4 augmentations.
 
 Writes a few synthetic skull-stripped-looking volumes (182x218x182 float32 .nii.gz with the FSL LAS affine, or a small
 grid with ``--small``), then, with identical DataLoader settings, times one pass over them
 
-(a) from NIfTI: load -> SPEC 1.2 chain -> augmentation (no cache), and
+(a) from NIfTI: load -> docs/method.md §1.2 chain -> augmentation (no cache), and
 (b) from the persistent cache (built first, its build time reported separately) -> augmentation,
 
 and prints JSON with scans/s per worker for both and their ratio (wall clock), plus the CPU time per scan of the main
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from data_modules.datasets import MRIScanDataset
-from data_modules.transforms import TransformSettings, pretrain_augmentations
+from neurojepa_pl.data.transforms import TransformSettings, pretrain_augmentations
+from neurojepa_pl.data_modules.datasets import MRIScanDataset
 
 MNI_SHAPE = (182, 218, 182)
 SMALL_SHAPE = (91, 109, 91)

@@ -3,9 +3,9 @@
 Writes SynthBrain T1w scans (``--grid mni``: 182x218x182 1 mm ``.nii.gz``, the paper's input; ``--grid model`` for a
 quick run), then times, with the same DataLoader settings (``--workers``, ``--batch-size``), ``--epochs`` passes of
 
-(a) ``nifti_monai``: NIfTI -> SPEC 1.2 loading chain -> SPEC 1.4 MONAI augmentations, all in the workers;
+(a) ``nifti_monai``: NIfTI -> docs/method.md §1.2 loading chain -> docs/method.md §1.4 MONAI augmentations, all in the workers;
 (b) ``cache_monai``: fast memmap cache (built once, time reported apart) -> MONAI augmentations in the workers;
-(c) ``cache_batched``: fast cache in the workers -> :class:`data_modules.gpu_augment.BatchedAugment` on whole batches in
+(c) ``cache_batched``: fast cache in the workers -> :class:`neurojepa_pl.data_modules.gpu_augment.BatchedAugment` on whole batches in
     the main process (on ``--device``: ``cpu``, or ``cuda`` when available).
 
 Prints JSON: scans/s overall and per worker for each, and the ratios to (a). Worker start-up is included in every
@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from data_modules.datasets import MRIScanDataset
-from data_modules.fast_cache import FastCacheDataset, build_fast_cache
-from data_modules.gpu_augment import BatchedAugment
-from data_modules.manifest import load_manifest
-from data_modules.transforms import TransformSettings, pretrain_augmentations
+from neurojepa_pl.data import load_manifest
+from neurojepa_pl.data.transforms import TransformSettings, pretrain_augmentations
+from neurojepa_pl.data_modules.datasets import MRIScanDataset
+from neurojepa_pl.data_modules.fast_cache import FastCacheDataset, build_fast_cache
+from neurojepa_pl.data_modules.gpu_augment import BatchedAugment
 
 
 def _time_loader(dataset, workers: int, batch_size: int, epochs: int, on_batch=None) -> tuple[float, int]:

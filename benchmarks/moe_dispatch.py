@@ -22,7 +22,9 @@ PAPER_CUDA_TOKENS = 48 * 3 * 144  # batch 48 x 3 context masks x 144 kept tokens
 CPU_TOKENS = 2048
 
 
-def _step(layer: MoEFeedForward, x: torch.Tensor, grad_out: torch.Tensor, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+def _step(
+    layer: MoEFeedForward, x: torch.Tensor, grad_out: torch.Tensor, autocast
+) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.detach().requires_grad_(True)
     with autocast():
         out = layer(x)
@@ -46,8 +48,15 @@ def _time(layer, x, grad_out, autocast, repeats: int, warmup: int) -> float:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tokens", type=int, default=None, help=f"tokens T (default {PAPER_CUDA_TOKENS} on cuda, {CPU_TOKENS} on cpu)")
-    parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="bf16 = autocast (default on cuda); fp32 (default on cpu)")
+    parser.add_argument(
+        "--tokens", type=int, default=None, help=f"tokens T (default {PAPER_CUDA_TOKENS} on cuda, {CPU_TOKENS} on cpu)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("bf16", "fp32"),
+        default=None,
+        help="bf16 = autocast (default on cuda); fp32 (default on cpu)",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed iterations (default 20 on cuda, 3 on cpu)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)

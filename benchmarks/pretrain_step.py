@@ -34,8 +34,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `callbacks` and `data_modules` are top-level packages of the source tree
 
-from callbacks.ema import ema_update_  # noqa: E402
-from data_modules.collate import JEPAMaskCollator  # noqa: E402
+from neurojepa_pl.callbacks.ema import ema_update_  # noqa: E402
+from neurojepa_pl.data_modules.collate import JEPAMaskCollator  # noqa: E402
 from neurojepa_pl.masks import paper_mask_generators, vjepa2_mask_generators  # noqa: E402
 from neurojepa_pl.models.moe import balance_bias_update  # noqa: E402
 from neurojepa_pl.modules.pretrain import JEPAPretrainModule  # noqa: E402
@@ -74,17 +74,25 @@ def make_batch(module: JEPAPretrainModule, data_args: dict, batch_size: int, dev
     grid = module.context_encoder.grid_size
     g = torch.Generator().manual_seed(0)
     axes = torch.meshgrid(*[torch.linspace(-1, 1, s) for s in img], indexing="ij")
-    inside = sum(a ** 2 / 0.8 ** 2 for a in axes) < 1
+    inside = sum(a**2 / 0.8**2 for a in axes) < 1
     samples = [{"image": (inside * torch.rand(img, generator=g)).unsqueeze(0).float()} for _ in range(batch_size)]
     make = vjepa2_mask_generators if data_args.get("masking") == "vjepa2" else paper_mask_generators
     patch = img[0] // grid[0]
     batch = JEPAMaskCollator(make(grid), patch_size=patch, seed=0)(samples)
-    return {k: ([t.to(device) for t in v] if isinstance(v, list) and v and torch.is_tensor(v[0])
-                else v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    return {
+        k: (
+            [t.to(device) for t in v]
+            if isinstance(v, list) and v and torch.is_tensor(v[0])
+            else v.to(device)
+            if torch.is_tensor(v)
+            else v
+        )
+        for k, v in batch.items()
+    }
 
 
 class Stepper:
-    """A full optimizer update outside Lightning, in the order of SPEC 7 (what the callbacks do in a real run)."""
+    """A full optimizer update outside Lightning, in the order of docs/method.md §7 (what the callbacks do in a real run)."""
 
     def __init__(self, module: JEPAPretrainModule, device: torch.device) -> None:
         self.module = module.to(device).train()
@@ -141,8 +149,12 @@ def time_interleaved(steppers: dict[str, Stepper], batch: dict, warmup: int, ste
             synchronize(device)
             peak = torch.cuda.max_memory_allocated(device)
         median = statistics.median(times[name])
-        results[name] = {"step_s": median, "step_s_all": times[name],
-                         "scans_per_s": batch["image"].shape[0] / median, "peak_memory_bytes": peak}
+        results[name] = {
+            "step_s": median,
+            "step_s_all": times[name],
+            "scans_per_s": batch["image"].shape[0] / median,
+            "peak_memory_bytes": peak,
+        }
     return results
 
 
@@ -181,13 +193,20 @@ def profile_steps(stepper: Stepper, batch: dict, steps: int, path: Path) -> dict
     else:
         rows = [(e.key, e.self_cpu_time_total) for e in events]
     total = sum(t for _, t in rows) or 1.0
+
     def share(*needles: str) -> float:
         return sum(t for name, t in rows if any(n in name.lower() for n in needles)) / total
+
     gemm = share("gemm", "matmul", "cutlass", "xmma", "nvjet", "aten::mm", "aten::bmm", "aten::addmm", "_grouped_mm")
     attention = share("flash", "attention", "fmha")
-    return {"profiled_steps": steps, "time_per_step_s": total / steps / 1e6,
-            "share_gemm": gemm, "share_attention": attention, "share_other": max(0.0, 1.0 - gemm - attention),
-            "table": str(path)}
+    return {
+        "profiled_steps": steps,
+        "time_per_step_s": total / steps / 1e6,
+        "share_gemm": gemm,
+        "share_attention": attention,
+        "share_other": max(0.0, 1.0 - gemm - attention),
+        "table": str(path),
+    }
 
 
 def bf16_peak(device: torch.device) -> float | None:
@@ -201,14 +220,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks/pretrain_step.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=REPO / "experiments/pretrain/neurojepa_base.yaml")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--preset", choices=("tiny", "paper"), default="tiny",
-                        help="tiny: the test-size model; paper: the YAML's model as written")
+    parser.add_argument(
+        "--preset",
+        choices=("tiny", "paper"),
+        default="tiny",
+        help="tiny: the test-size model; paper: the YAML's model as written",
+    )
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 5 cpu / 10 cuda)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 cpu / 3 cuda)")
     parser.add_argument("--batch", type=int, default=None, help="scans per step (default: tiny 2, paper the YAML's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile our encoders and predictor")
-    parser.add_argument("--profile", type=Path, default=None, metavar="TXT",
-                        help="after timing, profile 3 of our steps; write the operator table here, a summary in the JSON")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="TXT",
+        help="after timing, profile 3 of our steps; write the operator table here, a summary in the JSON",
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -254,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         "baseline": timed_base,
         "speedup_ours_over_baseline": timed_ours["scans_per_s"] / timed_base["scans_per_s"],
         "flops_per_scan": flops,
-        "flops_note": "fwd+bwd of one step; SDPA is not counted on CPU" if device.type == "cpu" else "fwd+bwd of one step",
+        "flops_note": "fwd+bwd of one step; SDPA is not counted on CPU"
+        if device.type == "cpu"
+        else "fwd+bwd of one step",
         "mfu_ours": None if peak is None else flops * timed_ours["scans_per_s"] / peak,
         "mfu_baseline": None if peak is None else flops * timed_base["scans_per_s"] / peak,
         "bf16_peak_flops": peak,

@@ -1,4 +1,4 @@
-"""EMA target-encoder update (SPEC 7 per-step order, item 11)."""
+"""EMA target-encoder update (docs/method.md §7 per-step order, item 11)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
-from callbacks.optimizer_step import OptimizerStepDetector
+from neurojepa_pl.callbacks.optimizer_step import OptimizerStepDetector
 
 
 @torch.no_grad()
@@ -36,8 +36,11 @@ def _is_moe_counts(name: str) -> bool:
 
 
 def _aligned_pairs(target: nn.Module, online: nn.Module, what: str) -> tuple[list[Tensor], list[Tensor]]:
-    named = (target.named_parameters, online.named_parameters) if what == "parameters" else (
-        target.named_buffers, online.named_buffers)
+    named = (
+        (target.named_parameters, online.named_parameters)
+        if what == "parameters"
+        else (target.named_buffers, online.named_buffers)
+    )
     t_items, o_items = list(named[0]()), list(named[1]())
     if what == "buffers":
         t_items = [(n, b) for n, b in t_items if not _is_moe_counts(n)]
@@ -61,9 +64,9 @@ class EMATargetUpdate(Callback):
 
     Runs once per optimizer update, not per micro-batch: it acts in ``on_train_batch_end`` only when
     ``trainer.global_step`` advanced (so it is safe under ``accumulate_grad_batches``) and does nothing when the
-    update was skipped (``pl_module.update_skipped``, set by :class:`~callbacks.nonfinite.NonFiniteLossGuard`).
+    update was skipped (``pl_module.update_skipped``, set by :class:`~neurojepa_pl.callbacks.nonfinite.NonFiniteLossGuard`).
     The momentum is a pure function of the update counter: ``pl_module.schedule.at(pl_module.update_step)``.
-    Buffers (the MoE balance biases, after :class:`~callbacks.moe_balance.MoELoadBalance` updated them) are copied,
+    Buffers (the MoE balance biases, after :class:`~neurojepa_pl.callbacks.moe_balance.MoELoadBalance` updated them) are copied,
     except the MoE ``counts``.
 
     Module surface used: ``context_encoder``, ``target_encoder``, ``schedule``, ``update_step``, ``update_skipped``.
@@ -81,9 +84,11 @@ class EMATargetUpdate(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Cached after the strategy wrapped the model, so these are the tensors the optimizer actually updates.
         self._target_params, self._online_params = _aligned_pairs(
-            pl_module.target_encoder, pl_module.context_encoder, "parameters")
+            pl_module.target_encoder, pl_module.context_encoder, "parameters"
+        )
         self._target_buffers, self._online_buffers = _aligned_pairs(
-            pl_module.target_encoder, pl_module.context_encoder, "buffers")
+            pl_module.target_encoder, pl_module.context_encoder, "buffers"
+        )
         self._step.reset(trainer)
 
     def on_train_batch_end(

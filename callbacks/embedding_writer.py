@@ -12,14 +12,15 @@ Predictions from every rank are gathered and written once by rank 0; padded dupl
 Read it back with :func:`read_embeddings`. Usage with any downstream experiment (``predict_split`` chooses the scans)::
 
     neurojepa predict --config experiments/finetune/synth_tumour_probe.yaml --ckpt_path best \
-      --trainer.callbacks+=callbacks.embedding_writer.EmbeddingWriter \
+      --trainer.callbacks+=neurojepa_pl.callbacks.embedding_writer.EmbeddingWriter \
       --trainer.callbacks.output_path runs/embeddings/tumour_test.npz --data.init_args.predict_split test
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -41,8 +42,11 @@ class EmbeddingWriter(BasePredictionWriter):
         metadata_keys: metadata columns to keep when present in the outputs.
     """
 
-    def __init__(self, output_path: str, metadata_keys: Sequence[str] = ("subject_id", "session_id", "modality",
-                                                                           "path", "site", "sex")):
+    def __init__(
+        self,
+        output_path: str,
+        metadata_keys: Sequence[str] = ("subject_id", "session_id", "modality", "path", "site", "sex"),
+    ):
         super().__init__(write_interval="batch")
         if not str(output_path).endswith(".npz"):
             raise ValueError(f"EmbeddingWriter writes a .npz archive; got output_path={output_path!r}.")
@@ -54,12 +58,21 @@ class EmbeddingWriter(BasePredictionWriter):
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._store.reset()
 
-    def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Any,
-                           batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
-                           dataloader_idx: int) -> None:
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
         if not isinstance(prediction, dict) or "embedding" not in prediction:
-            raise TypeError("EmbeddingWriter needs predict_step to return a dict with an 'embedding' tensor [B, C] "
-                            f"(the downstream modules do); got {type(prediction).__name__}.")
+            raise TypeError(
+                "EmbeddingWriter needs predict_step to return a dict with an 'embedding' tensor [B, C] "
+                f"(the downstream modules do); got {type(prediction).__name__}."
+            )
         arrays = {k: prediction[k] for k in ARRAY_KEYS if k in prediction}
         metadata = {k: [str(v) for v in prediction[k]] for k in self.metadata_keys if k in prediction}
         self._store.add(arrays, metadata)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,16 +12,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
-from callbacks.optimizer_step import OptimizerStepDetector
+from neurojepa_pl.callbacks.optimizer_step import OptimizerStepDetector
 
 # label 0 = neither (transparent), 1 = context, 2 = target
 _TOKEN_COLOURS = ListedColormap([(0, 0, 0, 0), (0.1, 0.8, 0.2, 0.45), (0.9, 0.1, 0.1, 0.45)])
 _FOREGROUND_COLOURS = ListedColormap([(0, 0, 0, 0), (0.2, 0.4, 1.0, 0.45)])
 
 
-def token_label_volume(
-    ids_by_label: Sequence[torch.Tensor], grid: Sequence[int], patch: Sequence[int]
-) -> np.ndarray:
+def token_label_volume(ids_by_label: Sequence[torch.Tensor], grid: Sequence[int], patch: Sequence[int]) -> np.ndarray:
     """Paint token ids into a voxel volume.
 
     Args:
@@ -79,8 +78,14 @@ def mask_figure(
         for col, (overlay, title, cmap) in enumerate(zip(overlays, titles, colours)):
             ax = axes[row, col]
             ax.imshow(take(volume).T, cmap="gray", origin="lower")
-            ax.imshow(take(overlay[: volume.shape[0], : volume.shape[1], : volume.shape[2]]).T,
-                      cmap=cmap, vmin=0, vmax=cmap.N - 1, origin="lower", interpolation="nearest")
+            ax.imshow(
+                take(overlay[: volume.shape[0], : volume.shape[1], : volume.shape[2]]).T,
+                cmap=cmap,
+                vmin=0,
+                vmax=cmap.N - 1,
+                origin="lower",
+                interpolation="nearest",
+            )
             ax.set_title(f"{title} ({view_name})", fontsize=8)
             ax.axis("off")
     fig.tight_layout()

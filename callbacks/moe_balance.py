@@ -1,4 +1,4 @@
-"""Aux-loss-free MoE load balancing of the context encoder (SPEC 3.3-3.4)."""
+"""Aux-loss-free MoE load balancing of the context encoder (docs/method.md §3.3-3.4)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-from callbacks.optimizer_step import OptimizerStepDetector
+from neurojepa_pl.callbacks.optimizer_step import OptimizerStepDetector
 from neurojepa_pl.models.moe import balance_bias_update
 
 
@@ -27,7 +27,7 @@ def all_reduce_counts(counts: torch.Tensor) -> torch.Tensor:
 class MoELoadBalance(Callback):
     """After every applied optimizer update and before the EMA: update each MoE layer's balance bias.
 
-    Per step (SPEC 3.3): stack the ``counts`` of every MoE layer of ``pl_module.context_encoder`` and all-reduce them
+    Per step (docs/method.md §3.3): stack the ``counts`` of every MoE layer of ``pl_module.context_encoder`` and all-reduce them
     (SUM) across ranks in one collective, call :func:`neurojepa_pl.models.moe.balance_bias_update` per layer with the
     rate ``pl_module.schedule.at(update_step).moe_rate`` (proportional rule in pretraining, clip 0.3, re-centring),
     write the new bias, reset the counts, and log the mean MinVio / MaxVio. Every rank computes the same biases from
@@ -37,8 +37,8 @@ class MoELoadBalance(Callback):
     Module surface used: ``context_encoder.moe_layers()``, ``schedule``, ``update_step``, ``update_skipped``.
 
     Args:
-        proportional: token-averaged error correction (SPEC 3.3 Mod 1; pretraining) instead of the sign rule.
-        clip: bias clip (SPEC 3.3 Mod 3).
+        proportional: token-averaged error correction (docs/method.md §3.3 Mod 1; pretraining) instead of the sign rule.
+        clip: bias clip (docs/method.md §3.3 Mod 3).
     """
 
     def __init__(self, proportional: bool = True, clip: float = 0.3) -> None:
@@ -66,7 +66,8 @@ class MoELoadBalance(Callback):
         min_vio, max_vio = [], []
         for layer, layer_counts in zip(self._layers, counts):
             new_bias, lo, hi = balance_bias_update(
-                layer.gate.bias, layer_counts, rate, self.proportional, clip=self.clip)
+                layer.gate.bias, layer_counts, rate, self.proportional, clip=self.clip
+            )
             layer.gate.bias.copy_(new_bias)
             layer.counts.zero_()
             min_vio.append(torch.as_tensor(lo, dtype=torch.float32, device=counts.device))

@@ -1,4 +1,4 @@
-"""Skip optimizer updates whose loss is not finite; stop after too many in a row (SPEC 7)."""
+"""Skip optimizer updates whose loss is not finite; stop after too many in a row (docs/method.md §7)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ class NonFiniteLossError(RuntimeError):
 class NonFiniteLossGuard(Callback):
     """Skip the update of any optimizer step whose loss (on any rank, any micro-batch) is NaN or infinite.
 
-    The reference checks the loss before its schedulers step and skips both on a non-finite bf16 loss (SPEC 7). Here:
+    The reference checks the loss before its schedulers step and skips both on a non-finite bf16 loss (docs/method.md §7). Here:
 
     - ``on_before_backward`` checks each micro-batch loss; the decision is all-reduced, so every rank agrees (backward
       still runs on every rank, so DDP's gradient all-reduce never deadlocks);

@@ -1,4 +1,4 @@
-"""Attentive probing of the frozen target encoder during pretraining (the reference's monitor, SPEC 8.7).
+"""Attentive probing of the frozen target encoder during pretraining (the reference's monitor, docs/method.md §8.7).
 
 Every ``every_n_epochs`` training epochs, on global rank 0:
 
@@ -6,7 +6,7 @@ Every ``every_n_epochs`` training epochs, on global rank 0:
    evaluation chain and kept in memory;
 2. the target encoder (``pl_module.target_encoder``, the only module surface used) encodes them in eval mode without
    gradients, so training state (mode, MoE counts, RNG) is untouched;
-3. one attentive head (1 logit, SPEC 8.7: depth 4, 16 heads) per label column is trained on the frozen train tokens
+3. one attentive head (1 logit, docs/method.md §8.7: depth 4, 16 heads) per label column is trained on the frozen train tokens
    with BCE over observed labels, AdamW, a fixed number of epochs;
 4. per label the head of the epoch with the best val AUROC is kept (the reference's "best head per class"); its val
    AUROC, and its test AUROC when the manifest has a test split, are logged as ``probe/val_auroc/<label>``,
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from data_modules.manifest import load_manifest
-from data_modules.transforms import TransformSettings
+from neurojepa_pl.data import load_manifest
+from neurojepa_pl.data.transforms import TransformSettings
 from neurojepa_pl.features import extract_tokens, load_eval_volumes
 from neurojepa_pl.metrics.classification import classification_metrics
 from neurojepa_pl.models.heads import AttentiveClassifier
@@ -47,10 +47,10 @@ class OnlineProbeMonitor(Callback):
         every_n_epochs: probe after every n-th training epoch.
         modality: keep only rows of this modality (``None``: all rows).
         probe_epochs: training epochs of each probe.
-        probe_lr: AdamW learning rate (SPEC 8.7: 1e-4).
-        probe_weight_decay: AdamW weight decay (SPEC 8.7: 0.04).
-        probe_depth: attentive head depth (SPEC 8.7: 4).
-        probe_heads: attentive head attention heads (SPEC 8.7: 16).
+        probe_lr: AdamW learning rate (docs/method.md §8.7: 1e-4).
+        probe_weight_decay: AdamW weight decay (docs/method.md §8.7: 0.04).
+        probe_depth: attentive head depth (docs/method.md §8.7: 4).
+        probe_heads: attentive head attention heads (docs/method.md §8.7: 16).
         batch_size: probe training batch size and encoder batch size.
         spatial_size / resize_to / pad_crop_size / target_spacing: loading-chain settings; ``None`` takes all of
             them from the training data module's ``settings`` (so the probe sees the encoder's input size).
@@ -89,12 +89,18 @@ class OnlineProbeMonitor(Callback):
         self.probe_depth = int(probe_depth)
         self.probe_heads = int(probe_heads)
         self.batch_size = int(batch_size)
-        given = {"spatial_size": spatial_size, "resize_to": resize_to, "pad_crop_size": pad_crop_size,
-                 "target_spacing": target_spacing}
+        given = {
+            "spatial_size": spatial_size,
+            "resize_to": resize_to,
+            "pad_crop_size": pad_crop_size,
+            "target_spacing": target_spacing,
+        }
         self._explicit_settings = given if spatial_size is not None else None
         if spatial_size is None and any(v is not None for v in given.values()):
-            raise ValueError("give spatial_size together with the other loading settings, or none of them (then the "
-                             "data module's settings are used).")
+            raise ValueError(
+                "give spatial_size together with the other loading settings, or none of them (then the "
+                "data module's settings are used)."
+            )
         self.seed = int(seed)
         self._volumes: dict[str, torch.Tensor] | None = None
         self._labels: dict[str, np.ndarray] | None = None
@@ -106,8 +112,10 @@ class OnlineProbeMonitor(Callback):
             return TransformSettings(**{k: v for k, v in self._explicit_settings.items()})
         settings = getattr(getattr(trainer, "datamodule", None), "settings", None)
         if not isinstance(settings, TransformSettings):
-            raise ValueError("OnlineProbeMonitor: the data module has no TransformSettings `settings`; pass "
-                             "spatial_size, resize_to, pad_crop_size and target_spacing to the callback.")
+            raise ValueError(
+                "OnlineProbeMonitor: the data module has no TransformSettings `settings`; pass "
+                "spatial_size, resize_to, pad_crop_size and target_spacing to the callback."
+            )
         return settings
 
     def _load(self, trainer: Trainer) -> None:
@@ -123,20 +131,27 @@ class OnlineProbeMonitor(Callback):
             rows = df[df["split"] == split]
             if rows.empty:
                 if split != "test":
-                    raise ValueError(f"{self.manifest} has no {split!r} rows (after the modality filter); the probe "
-                                     "needs train and val rows.")
+                    raise ValueError(
+                        f"{self.manifest} has no {split!r} rows (after the modality filter); the probe "
+                        "needs train and val rows."
+                    )
                 continue
             self._volumes[split] = load_eval_volumes(rows["path"].tolist(), settings)
             labels = rows[self.label_columns].apply(lambda c: c.astype(float)).to_numpy(dtype=np.float64)
             self._labels[split] = labels
-        log.info("online probe: %s scans loaded from %s",
-                 {k: int(v.shape[0]) for k, v in self._volumes.items()}, self.manifest)
+        log.info(
+            "online probe: %s scans loaded from %s",
+            {k: int(v.shape[0]) for k, v in self._volumes.items()},
+            self.manifest,
+        )
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if "fsdp" in type(trainer.strategy).__name__.lower():
-            raise ValueError("OnlineProbeMonitor runs the target encoder on rank 0 alone, which a sharded (FSDP) "
-                             "encoder cannot do; remove the callback or use DDP.")
+            raise ValueError(
+                "OnlineProbeMonitor runs the target encoder on rank 0 alone, which a sharded (FSDP) "
+                "encoder cannot do; remove the callback or use DDP."
+            )
         if not hasattr(pl_module, "target_encoder"):
             raise AttributeError("OnlineProbeMonitor needs pl_module.target_encoder (a pretraining module).")
 
@@ -151,18 +166,22 @@ class OnlineProbeMonitor(Callback):
         trainer.strategy.barrier("online_probe")
 
     # ------------------------------------------------------------------ probing
-    def run_probe(self, trainer: Trainer, encoder: torch.nn.Module, device: torch.device, epoch: int
-                  ) -> dict[str, float]:
+    def run_probe(
+        self, trainer: Trainer, encoder: torch.nn.Module, device: torch.device, epoch: int
+    ) -> dict[str, float]:
         """Encode the probe scans with ``encoder`` and train/evaluate the probes; returns the logged values."""
         if self._volumes is None:
             self._load(trainer)
-        tokens = {split: extract_tokens(encoder, vols, self.batch_size, device) for split, vols in self._volumes.items()}
+        tokens = {
+            split: extract_tokens(encoder, vols, self.batch_size, device) for split, vols in self._volumes.items()
+        }
         embed_dim = tokens["train"].shape[-1]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + epoch)
             heads = torch.nn.ModuleList(
                 AttentiveClassifier(embed_dim, 1, depth=self.probe_depth, num_heads=self.probe_heads)
-                for _ in self.label_columns).to(device)
+                for _ in self.label_columns
+            ).to(device)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         optimizer = torch.optim.AdamW(heads.parameters(), lr=self.probe_lr, weight_decay=self.probe_weight_decay)
         train_x = tokens["train"]
@@ -174,7 +193,7 @@ class OnlineProbeMonitor(Callback):
                 heads.train()
                 order = torch.randperm(train_x.shape[0], generator=generator)
                 for start in range(0, order.numel(), self.batch_size):
-                    idx = order[start:start + self.batch_size]
+                    idx = order[start : start + self.batch_size]
                     x = train_x[idx].to(device)
                     y = train_y[idx].to(device)
                     observed = ~torch.isnan(y)
@@ -204,16 +223,18 @@ class OnlineProbeMonitor(Callback):
         return results
 
     @torch.no_grad()
-    def _auroc(self, heads: torch.nn.ModuleList, x: torch.Tensor, labels: np.ndarray, device: torch.device
-               ) -> list[float]:
+    def _auroc(
+        self, heads: torch.nn.ModuleList, x: torch.Tensor, labels: np.ndarray, device: torch.device
+    ) -> list[float]:
         heads.eval()
         scores = []
         for start in range(0, x.shape[0], self.batch_size):
-            batch = x[start:start + self.batch_size].to(device)
+            batch = x[start : start + self.batch_size].to(device)
             scores.append(torch.sigmoid(torch.cat([head(batch) for head in heads], dim=1)).cpu())
         probs = torch.cat(scores).numpy()
-        metrics = classification_metrics("multilabel", np.nan_to_num(labels).astype(int), probs,
-                                         label_mask=~np.isnan(labels))
+        metrics = classification_metrics(
+            "multilabel", np.nan_to_num(labels).astype(int), probs, label_mask=~np.isnan(labels)
+        )
         return [metrics[f"auroc/{j}"] for j in range(labels.shape[1])]
 
 

@@ -5,7 +5,7 @@ Modules: ``manifest`` (schema, validation, splits, pairing; pandas only), ``tran
 The package top level re-exports the manifest API only, so that importing it stays cheap (no torch/MONAI).
 """
 
-from data_modules.manifest import (
+from neurojepa_pl.data import (
     MANIFEST_COLUMNS,
     MODALITIES,
     PATH_COLUMNS,

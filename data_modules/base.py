@@ -1,6 +1,6 @@
 """Base MRI data module: manifest -> validation -> patient splits -> cached, validated scan datasets -> loaders.
 
-Subclasses (:class:`data_modules.pretrain.PretrainDataModule`, :class:`data_modules.finetune.FinetuneDataModule`)
+Subclasses (:class:`neurojepa_pl.data_modules.pretrain.PretrainDataModule`, :class:`neurojepa_pl.data_modules.finetune.FinetuneDataModule`)
 choose the rows, the per-sample record (labels) and the augmentation of each split.
 
 Reproducibility: the training sampler is an :class:`EpochSampler`, whose order is a pure function of
@@ -22,17 +22,17 @@ from lightning.pytorch import LightningDataModule
 from monai.transforms import Compose
 from torch.utils.data import DataLoader, DistributedSampler
 
-from data_modules.datasets import FailureLog, MRIScanDataset
-from data_modules.manifest import (
+from neurojepa_pl.data import (
     MODALITIES,
     SPLITS,
     LabelSpec,
-    _is_blank,
     assign_patient_splits,
+    is_blank,
     load_manifest,
     validate_manifest,
 )
-from data_modules.transforms import TransformSettings
+from neurojepa_pl.data.transforms import TransformSettings
+from neurojepa_pl.data_modules.datasets import FailureLog, MRIScanDataset
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
 class EpochSampler(DistributedSampler):
     """Shuffled or class-weighted sampling whose order is a pure function of ``(seed, epoch)``, sharded by rank.
 
-    Yields ``(epoch, position, index)`` keys (see :class:`data_modules.datasets.MRIScanDataset`), where ``position`` is
+    Yields ``(epoch, position, index)`` keys (see :class:`neurojepa_pl.data_modules.datasets.MRIScanDataset`), where ``position`` is
     the place in the epoch's global stream, identical on every rank, so augmentation seeds never repeat within an
     epoch even when weighted sampling draws one scan twice.
 
@@ -67,7 +67,7 @@ class EpochSampler(DistributedSampler):
         num_items: dataset length.
         seed: base seed.
         shuffle: random order (a new permutation per epoch) instead of ``0..n-1``.
-        weights: optional per-item sampling weights ``[num_items]``; draws with replacement (SPEC 8.3).
+        weights: optional per-item sampling weights ``[num_items]``; draws with replacement (docs/method.md §8.3).
         num_draws: draws per epoch over all ranks with ``weights`` (``None`` = ``num_items``).
         num_replicas: world size.
         rank: this process's rank.
@@ -146,7 +146,7 @@ def _metadata(row: Mapping[str, object], columns: Sequence[str]) -> dict[str, ob
     for col in METADATA_STRING_COLUMNS:
         if col in columns:
             value = row[col]
-            meta[col] = "" if _is_blank(value) else str(value)
+            meta[col] = "" if is_blank(value) else str(value)
     if "age" in columns:
         value = pd.to_numeric(pd.Series([row["age"]]), errors="coerce").iloc[0]
         meta["age"] = np.float32(value)
@@ -154,10 +154,10 @@ def _metadata(row: Mapping[str, object], columns: Sequence[str]) -> dict[str, ob
 
 
 class MRIDataModule(LightningDataModule):
-    """Manifest-driven 3D MRI data module (reference loading chain of SPEC 1.2 with MONAI, persistent cache).
+    """Manifest-driven 3D MRI data module (reference loading chain of docs/method.md §1.2 with MONAI, persistent cache).
 
     Args:
-        manifest: per-scan manifest CSV (see :mod:`data_modules.manifest`).
+        manifest: per-scan manifest CSV (see :mod:`neurojepa_pl.data`).
         cache_dir: root of the persistent cache of the deterministic chain (``None``: no cache, the chain runs on
             every access). Entries live in ``cache_dir/<settings digest>/``.
         modalities: keep only these modalities (``None``: all).
@@ -275,7 +275,7 @@ class MRIDataModule(LightningDataModule):
                 log.warning("%s", warning.format())
             report.raise_if_errors()
         df = self.prepare_frame(df)
-        if "split" not in df.columns or df["split"].map(_is_blank).all():
+        if "split" not in df.columns or df["split"].map(is_blank).all():
             log.warning(
                 "%s has no split column: assigning a patient-level split %s with seed %d%s",
                 self.hparams.manifest,
@@ -337,7 +337,7 @@ class MRIDataModule(LightningDataModule):
         """Validate the manifest, build the datasets of ``stage`` and run the loading pass once.
 
         Scans that fail are reported (path and reason), written to the quarantine CSV and skipped; more than
-        ``max_failed_fraction`` of the scans attempted so far raises :class:`data_modules.datasets.TooManyFailedScans`.
+        ``max_failed_fraction`` of the scans attempted so far raises :class:`neurojepa_pl.data_modules.datasets.TooManyFailedScans`.
         """
         built = []
         for split in STAGE_SPLITS.get(stage, STAGE_SPLITS[None]):

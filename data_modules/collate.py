@@ -1,4 +1,4 @@
-"""JEPA pretraining collation: batch the samples, compute the token foreground map, draw the masks (SPEC 5.3, 6.1).
+"""JEPA pretraining collation: batch the samples, compute the token foreground map, draw the masks (docs/method.md §5.3, 6.1).
 
 Seeding and "step"
 ------------------
@@ -20,7 +20,7 @@ Every batch's masks come from ``derive_seed(seed, rank=rank, step=step, stream=m
   its masks even with a different worker count.
 * ``rank`` is `set_rank`'s value if given, else ``torch.distributed.get_rank()`` when a process group is
   initialised, else 0. Different ranks draw different masks (the reference's masks were identical on all ranks,
-  SPEC 12.9).
+  docs/method.md §12.9).
 """
 
 from __future__ import annotations

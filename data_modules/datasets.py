@@ -21,7 +21,7 @@ from monai.data import PersistentDataset
 from monai.transforms import Compose
 from torch.utils.data import DataLoader, Dataset
 
-from data_modules.transforms import (
+from neurojepa_pl.data.transforms import (
     IMAGE_KEY,
     ScanRejected,
     TransformSettings,
@@ -33,7 +33,7 @@ from data_modules.transforms import (
 log = logging.getLogger(__name__)
 
 SampleKey = int | tuple[int, int, int]
-"""A dataset key: a plain index, or ``(epoch, position, index)`` from :class:`data_modules.base.EpochSampler`."""
+"""A dataset key: a plain index, or ``(epoch, position, index)`` from :class:`neurojepa_pl.data_modules.base.EpochSampler`."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -156,16 +156,16 @@ def _stat_key(path: str) -> tuple[int, int]:
 
 
 class MRIScanDataset(Dataset):
-    """Scans through the cached deterministic chain (SPEC 1.2) and an optional seeded augmentation.
+    """Scans through the cached deterministic chain (docs/method.md §1.2) and an optional seeded augmentation.
 
     Args:
         records: one dict per scan with at least ``"path"``; every other key (subject_id, session_id, modality,
             labels, ...) is passed through to the sample. Must not contain ``"image"``.
         settings: loading-chain settings; the cache lives in ``cache_dir / settings.digest()``.
         cache_dir: root of the persistent cache; ``None`` runs the chain on every access.
-        augment: transform applied after the cache (e.g. :func:`data_modules.transforms.pretrain_augmentations`).
+        augment: transform applied after the cache (e.g. :func:`neurojepa_pl.data.transforms.pretrain_augmentations`).
             Random transforms are reseeded per sample from ``(seed, epoch, position)`` when the key is a tuple from
-            :class:`data_modules.base.EpochSampler`, and from ``(seed, 0, index)`` for a plain integer key.
+            :class:`neurojepa_pl.data_modules.base.EpochSampler`, and from ``(seed, 0, index)`` for a plain integer key.
         failure_log: where failed scans are recorded by :meth:`preload` (a new one if ``None``).
         seed: base seed of the augmentation.
 

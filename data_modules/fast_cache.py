@@ -24,9 +24,9 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -34,7 +34,7 @@ import torch
 from monai.transforms import Compose
 from torch.utils.data import Dataset
 
-from data_modules.transforms import (
+from neurojepa_pl.data.transforms import (
     IMAGE_KEY,
     TransformSettings,
     augmentation_seed,
@@ -109,7 +109,7 @@ def _npy_header(dtype: np.dtype, shape: tuple[int, ...], total_length: int | Non
 
 def _load_one(task: tuple[int, str, TransformSettings, str]) -> tuple[int, np.ndarray | None, str]:
     index, path, settings, dtype = task
-    from data_modules.datasets import failure_reason  # the same reason text as the NIfTI path's quarantine
+    from neurojepa_pl.data_modules.datasets import failure_reason  # the same reason text as the NIfTI path's quarantine
 
     try:
         image = loading_transforms(settings)({IMAGE_KEY: path})[IMAGE_KEY]
@@ -235,7 +235,7 @@ def _read_index(folder: Path) -> pd.DataFrame:
 
 
 class FastCacheDataset(Dataset):
-    """Samples from a fast cache, shaped like :class:`data_modules.datasets.MRIScanDataset`'s.
+    """Samples from a fast cache, shaped like :class:`neurojepa_pl.data_modules.datasets.MRIScanDataset`'s.
 
     Args:
         cache_dir: a folder written by :func:`build_fast_cache` (its ``meta.json`` must exist).

@@ -1,11 +1,11 @@
-"""Fine-tuning data module: one modality, task-shaped labels, class-balanced sampling (SPEC 8.3), few-shot (SPEC 8.8).
+"""Fine-tuning data module: one modality, task-shaped labels, class-balanced sampling (docs/method.md §8.3), few-shot (docs/method.md §8.8).
 
 Batches (dicts):
 
 ============  =====================================================================================
 task          label fields
 ============  =====================================================================================
-binary        ``label`` [B] int64 (label > 0.5, SPEC 8.3)
+binary        ``label`` [B] int64 (label > 0.5, docs/method.md §8.3)
 multiclass    ``label`` [B] int64
 multilabel    ``label`` [B, L] float32 (NaN replaced by 0) and ``label_mask`` [B, L] bool (False = missing)
 regression    ``label`` [B] float32 (raw units, e.g. years)
@@ -27,9 +27,9 @@ import pandas as pd
 from monai.transforms import Compose
 from torch.utils.data import DataLoader
 
-from data_modules.base import EpochSampler, MRIDataModule
-from data_modules.manifest import LabelSpec, _is_blank
-from data_modules.transforms import finetune_augmentations
+from neurojepa_pl.data import LabelSpec, is_blank
+from neurojepa_pl.data.transforms import finetune_augmentations
+from neurojepa_pl.data_modules.base import EpochSampler, MRIDataModule
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,14 @@ TASKS = ("binary", "multiclass", "multilabel", "regression", "survival")
 SINGLE_LABEL_TASKS = ("binary", "multiclass", "regression")
 CLASS_BALANCED_TASKS = ("binary", "multiclass", "multilabel")
 FEW_SHOT_TASKS = ("binary", "multiclass", "regression")
-NEGATIVE_ROW_WEIGHT = 0.1  # SPEC 8.7: all-negative rows get 0.1 x the median positive weight
+NEGATIVE_ROW_WEIGHT = 0.1  # docs/method.md §8.7: all-negative rows get 0.1 x the median positive weight
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Pure functions: few-shot draws and sampler weights
 # ----------------------------------------------------------------------------------------------------------------------
 def few_shot_subset(df: pd.DataFrame, task: str, label_column: str, k: int, seed: int) -> pd.DataFrame:
-    """Draw a few-shot training subset (SPEC 8.8); call it on the training split only.
+    """Draw a few-shot training subset (docs/method.md §8.8); call it on the training split only.
 
     Classification: k rows per class without replacement (all rows of a class with fewer), then shuffled.
     Regression: 4 bins at the quartiles of the labels (``nanpercentile`` edges, last bin closed), k rows per bin.
@@ -60,7 +60,7 @@ def few_shot_subset(df: pd.DataFrame, task: str, label_column: str, k: int, seed
         The selected rows of ``df`` (original index), in shuffled order.
     """
     if task not in FEW_SHOT_TASKS:
-        raise ValueError(f"few-shot sampling is defined for {FEW_SHOT_TASKS} (SPEC 8.8); found task {task!r}.")
+        raise ValueError(f"few-shot sampling is defined for {FEW_SHOT_TASKS} (docs/method.md §8.8); found task {task!r}.")
     if k < 1:
         raise ValueError(f"k must be >= 1; found {k}.")
     values = pd.to_numeric(df[label_column], errors="coerce").to_numpy(dtype=float)
@@ -81,7 +81,7 @@ def few_shot_subset(df: pd.DataFrame, task: str, label_column: str, k: int, seed
 
 
 def class_balanced_weights(labels: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Inverse-frequency sample weights ``N / count(class)`` normalised to mean 1 (SPEC 8.3).
+    """Inverse-frequency sample weights ``N / count(class)`` normalised to mean 1 (docs/method.md §8.3).
 
     Args:
         labels: integer class per sample, ``[N]``.
@@ -96,7 +96,7 @@ def class_balanced_weights(labels: Sequence[int] | np.ndarray) -> np.ndarray:
 
 
 def multilabel_balanced_weights(labels: np.ndarray, mask: np.ndarray | None = None, eps: float = 1e-6) -> np.ndarray:
-    """Multilabel sample weights of SPEC 8.7.
+    """Multilabel sample weights of docs/method.md §8.7.
 
     Class weight ``N / (positives + eps)``; a sample's weight is the mean class weight over its positive labels;
     all-negative samples get ``0.1 x`` the median positive-sample weight; normalised to mean 1.
@@ -126,12 +126,12 @@ def multilabel_balanced_weights(labels: np.ndarray, mask: np.ndarray | None = No
 class FinetuneDataModule(MRIDataModule):
     """Unimodal fine-tuning / evaluation data for the five downstream tasks.
 
-    Args (in addition to :class:`data_modules.base.MRIDataModule`'s):
+    Args (in addition to :class:`neurojepa_pl.data_modules.base.MRIDataModule`'s):
         task: ``binary``, ``multiclass``, ``multilabel``, ``regression`` or ``survival``.
         label_columns: the label column (one for binary/multiclass/regression, one or more for multilabel; unused for
             survival).
-        num_classes: number of classes for multiclass (binary uses 2 logits, SPEC 8.3).
-        time_column: survival time (> 0; rows with time <= 0 are dropped and reported, SPEC 8.5).
+        num_classes: number of classes for multiclass (binary uses 2 logits, docs/method.md §8.3).
+        time_column: survival time (> 0; rows with time <= 0 are dropped and reported, docs/method.md §8.5).
         event_column: survival event indicator (1 = event observed).
         modality: the modality to train on; may be omitted when the manifest has only one.
         class_balanced: inverse-frequency weighted sampling with replacement for classification tasks.
@@ -172,7 +172,7 @@ class FinetuneDataModule(MRIDataModule):
         if task == "survival" and (not time_column or not event_column):
             raise ValueError("task 'survival' needs time_column and event_column.")
         if k_shot is not None and task not in FEW_SHOT_TASKS:
-            raise ValueError(f"k_shot is defined for {FEW_SHOT_TASKS} (SPEC 8.8: not multilabel, not survival).")
+            raise ValueError(f"k_shot is defined for {FEW_SHOT_TASKS} (docs/method.md §8.8: not multilabel, not survival).")
         if samples_per_epoch is not None and not (class_balanced and task in CLASS_BALANCED_TASKS):
             raise ValueError(
                 "samples_per_epoch sets the number of weighted draws; it needs class_balanced=True and a "
@@ -293,7 +293,7 @@ class FinetuneDataModule(MRIDataModule):
             rec["label"] = np.float32(row[self.label_columns[0]])
         elif self.task == "multilabel":
             values = np.array(
-                [np.nan if _is_blank(row[c]) else float(row[c]) for c in self.label_columns], dtype=np.float32
+                [np.nan if is_blank(row[c]) else float(row[c]) for c in self.label_columns], dtype=np.float32
             )
             rec["label_mask"] = ~np.isnan(values)
             rec["label"] = np.nan_to_num(values, nan=0.0)
@@ -311,7 +311,7 @@ class FinetuneDataModule(MRIDataModule):
         if not self.hparams.class_balanced:
             return None
         if self.task not in CLASS_BALANCED_TASKS:
-            log.info("class_balanced has no effect for task %r (all sample weights 1, SPEC 8.4/8.5)", self.task)
+            log.info("class_balanced has no effect for task %r (all sample weights 1, docs/method.md §8.4/8.5)", self.task)
             return None
         records = self._require("train").records
         if self.task == "multilabel":

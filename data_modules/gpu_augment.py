@@ -1,4 +1,4 @@
-"""The SPEC 1.4 / 1.5 random augmentations, batched, on whatever device the batch lives on.
+"""The docs/method.md §1.4 / 1.5 random augmentations, batched, on whatever device the batch lives on.
 
 MONAI applies its random transforms one sample at a time on CPU in the DataLoader workers, where Gaussian noise and
 the bias field cost ~30 ms per scan (data_facts section 3). :class:`BatchedAugment` does the same operations with the
@@ -6,10 +6,10 @@ same distributions and the same formulas as MONAI (``Flip``, ``RandBiasField``, 
 ``RandGaussianNoise(sample_std=True)``, ``ShiftIntensity``), batched on the GPU (or CPU), and only computes each
 operation on the samples that drew it. It is written by hand because MONAI has no batched form of these transforms.
 
-Per sample, in this order (SPEC 1.4, pretraining): optional centre crop; flip on each of the 3 spatial axes with
+Per sample, in this order (docs/method.md §1.4, pretraining): optional centre crop; flip on each of the 3 spatial axes with
 p=0.5 each; bias field exp(sum c_ijk P_i(x) P_j(y) P_k(z)), Legendre degree 3, 20 coefficients ~ U(0, 0.1), p=0.5;
 contrast ((x - min) / (range + 1e-7))^gamma * range + min, gamma ~ U(0.6, 1.5), p=0.5; Gaussian noise with
-std ~ U(0, 0.1), p=0.5; intensity shift by U(-0.1, 0.1), p=0.5. Fine-tuning (SPEC 1.5): flips with p=0.1, no bias field,
+std ~ U(0, 0.1), p=0.5; intensity shift by U(-0.1, 0.1), p=0.5. Fine-tuning (docs/method.md §1.5): flips with p=0.1, no bias field,
 the rest the same.
 
 Randomness: every random number comes from the ``torch.Generator`` passed to :meth:`BatchedAugment.forward` (a CPU
@@ -26,8 +26,8 @@ from torch import nn
 
 CONTRAST_EPSILON = 1e-7  # MONAI AdjustContrast
 _MODE_DEFAULTS = {
-    "pretrain": {"flip_prob": 0.5, "bias_field_prob": 0.5},  # SPEC 1.4
-    "finetune": {"flip_prob": 0.1, "bias_field_prob": 0.0},  # SPEC 1.5: no bias field
+    "pretrain": {"flip_prob": 0.5, "bias_field_prob": 0.5},  # docs/method.md §1.4
+    "finetune": {"flip_prob": 0.1, "bias_field_prob": 0.0},  # docs/method.md §1.5: no bias field
 }
 
 
@@ -47,9 +47,7 @@ def legendre_basis(n: int, degree: int, device=None, dtype=torch.float32) -> tor
 
 def bias_field_exponents(degree: int) -> list[tuple[int, int, int]]:
     """(i, j, k) of each coefficient in MONAI's order: all i + j + k <= degree, i outermost (20 for degree 3)."""
-    return [
-        (i, j, k) for i in range(degree + 1) for j in range(degree + 1 - i) for k in range(degree + 1 - i - j)
-    ]
+    return [(i, j, k) for i in range(degree + 1) for j in range(degree + 1 - i) for k in range(degree + 1 - i - j)]
 
 
 def legendre_bias_field(spatial_shape: tuple[int, int, int], coeffs: torch.Tensor, degree: int = 3) -> torch.Tensor:
@@ -126,7 +124,7 @@ class AugmentParameters:
 
 
 class BatchedAugment(nn.Module):
-    """SPEC 1.4 (``mode="pretrain"``) or 1.5 (``mode="finetune"``) augmentations on a batch ``[B, C, D, H, W]``.
+    """docs/method.md §1.4 (``mode="pretrain"``) or 1.5 (``mode="finetune"``) augmentations on a batch ``[B, C, D, H, W]``.
 
     Args:
         mode: ``"pretrain"`` (flips p=0.5, bias field p=0.5) or ``"finetune"`` (flips p=0.1, no bias field).

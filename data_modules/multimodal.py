@@ -1,4 +1,4 @@
-"""Paired multimodal data (SPEC 8.6; paper "Multimodal Fusion Evaluation"): the scans of one session, stacked.
+"""Paired multimodal data (docs/method.md §8.6; paper "Multimodal Fusion Evaluation"): the scans of one session, stacked.
 
 One sample is one (subject, session) with up to M modalities in a fixed order (``modalities``, e.g. T1w + FLAIR).
 Batches (dicts):
@@ -6,7 +6,7 @@ Batches (dicts):
 * ``images`` ``[B, M, 1, D, H, W]`` float32: a missing or dropped modality is a zero volume **and** has validity 0,
   so the fusion heads never let it vote;
 * ``validity`` ``[B, M]`` bool;
-* ``label`` ``[B]`` int64 (binary: label > 0.5, SPEC 8.3; multiclass: class index);
+* ``label`` ``[B]`` int64 (binary: label > 0.5, docs/method.md §8.3; multiclass: class index);
 * metadata lists: ``subject_id``, ``session_id``, ``path`` (the anchor's path, else the first valid one),
   ``modality`` (the valid modalities joined by ``+``), one ``<modality>_path`` per slot (``''`` when missing), and
   ``site``/``sex``/``age`` when the manifest has them.
@@ -17,11 +17,11 @@ so that fusion and unimodal runs see identical samples. ``require_all=False`` ke
 
 Modality dropout (reference p = 0.2): in TRAINING only, with probability p a sample with more than one valid modality
 keeps a uniformly random non-empty proper subset of them. Evaluation is deterministic, a deliberate fix of the
-reference, which applied the drop to validation and test as well (SPEC 8.6 [BUG/quirk]). The draw is a pure function
+reference, which applied the drop to validation and test as well (docs/method.md §8.6 [BUG/quirk]). The draw is a pure function
 of (seed, epoch, position in the epoch), like the augmentations, so it does not depend on workers and resumes
 exactly; the dropped scan is not even loaded.
 
-Each modality has its own :class:`data_modules.datasets.MRIScanDataset`, so the persistent caches of unimodal runs are
+Each modality has its own :class:`neurojepa_pl.data_modules.datasets.MRIScanDataset`, so the persistent caches of unimodal runs are
 reused, and each modality of a sample gets its own augmentation draw (the reference augments modalities
 independently, too).
 """
@@ -38,11 +38,11 @@ import torch
 from monai.transforms import Compose
 from torch.utils.data import Dataset
 
-from data_modules.base import MRIDataModule
-from data_modules.datasets import FailureLog, MRIScanDataset, SampleKey, ScanFailure
-from data_modules.finetune import FinetuneDataModule
-from data_modules.manifest import MODALITIES, PATH_COLUMNS, _is_blank, detect_form, pair_modalities
-from data_modules.transforms import IMAGE_KEY, TransformSettings
+from neurojepa_pl.data import MODALITIES, PATH_COLUMNS, detect_form, is_blank, pair_modalities
+from neurojepa_pl.data.transforms import IMAGE_KEY, TransformSettings
+from neurojepa_pl.data_modules.base import MRIDataModule
+from neurojepa_pl.data_modules.datasets import FailureLog, MRIScanDataset, SampleKey, ScanFailure
+from neurojepa_pl.data_modules.finetune import FinetuneDataModule
 from neurojepa_pl.seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ MODALITY_DROPOUT_STREAM = "modality_dropout"
 
 
 def modality_dropout(validity: np.ndarray, p: float, rng: np.random.Generator) -> np.ndarray:
-    """Randomly hide modalities of one sample (training-time robustness augmentation of SPEC 8.6).
+    """Randomly hide modalities of one sample (training-time robustness augmentation of docs/method.md §8.6).
 
     With probability ``p``, a sample with k >= 2 valid modalities keeps one of the 2**k - 2 non-empty proper subsets
     of them, chosen uniformly; otherwise (or with k < 2) the validity is returned unchanged.
@@ -133,7 +133,7 @@ class PairedScanDataset(Dataset):
                     "modality": m,
                 }
                 for i, rec in enumerate(self._all_records)
-                if not _is_blank(rec.get(column))
+                if not is_blank(rec.get(column))
             ]
             self.scans[m] = MRIScanDataset(
                 scan_records,
@@ -233,9 +233,9 @@ class PairedScanDataset(Dataset):
 
 
 class MultimodalDataModule(FinetuneDataModule):
-    """Paired-modality classification data for the fusion heads (SPEC 8.6).
+    """Paired-modality classification data for the fusion heads (docs/method.md §8.6).
 
-    Accepts a per-scan manifest (paired here with :func:`data_modules.manifest.pair_modalities`) or a manifest already
+    Accepts a per-scan manifest (paired here with :func:`neurojepa_pl.data.pair_modalities`) or a manifest already
     in the paired form (``t1w_path``, ``t2w_path``, ``flair_path`` columns).
 
     Args:
@@ -251,7 +251,7 @@ class MultimodalDataModule(FinetuneDataModule):
         label_columns: the one label column.
         num_classes: number of classes: ``None`` or 2 for binary (YAMLs set 2: Lightning refuses model and data
             hyper-parameters that share a key with different values), required for multiclass.
-        **kwargs: :class:`data_modules.finetune.FinetuneDataModule` / :class:`data_modules.base.MRIDataModule`
+        **kwargs: :class:`neurojepa_pl.data_modules.finetune.FinetuneDataModule` / :class:`neurojepa_pl.data_modules.base.MRIDataModule`
             arguments (batch_size, spatial_size, cache_dir, class_balanced, samples_per_epoch, seed, ...), except
             ``modality``.
     """
@@ -281,7 +281,7 @@ class MultimodalDataModule(FinetuneDataModule):
         if not 0.0 <= modality_dropout <= 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1]; got {modality_dropout}.")
         if task == "binary" and num_classes not in (None, 2):
-            raise ValueError(f"binary tasks use 2 outputs (SPEC 8.3); got num_classes={num_classes}.")
+            raise ValueError(f"binary tasks use 2 outputs (docs/method.md §8.3); got num_classes={num_classes}.")
         super().__init__(
             manifest=manifest,
             modalities=modalities,
@@ -340,7 +340,7 @@ class MultimodalDataModule(FinetuneDataModule):
                 f"the paired manifest {self.hparams.manifest} has no column(s) {missing_columns} for the requested "
                 f"modalities {self.modality_names}; add them (empty where a scan is missing)."
             )
-        present = pd.DataFrame({m: ~df[PATH_COLUMNS[m]].map(_is_blank) for m in self.modality_names})
+        present = pd.DataFrame({m: ~df[PATH_COLUMNS[m]].map(is_blank) for m in self.modality_names})
         keep = present.all(axis=1) if self.require_all else present.any(axis=1)
         if self.anchor is not None:
             keep &= present[self.anchor]
@@ -357,8 +357,10 @@ class MultimodalDataModule(FinetuneDataModule):
 
     def record(self, row: Mapping[str, object], split: str) -> dict[str, object]:
         """Labels and metadata (via :class:`FinetuneDataModule`) plus every modality's path column."""
-        paths = {PATH_COLUMNS[m]: "" if _is_blank(row.get(PATH_COLUMNS[m])) else str(row[PATH_COLUMNS[m]])
-                 for m in self.modality_names}
+        paths = {
+            PATH_COLUMNS[m]: "" if is_blank(row.get(PATH_COLUMNS[m])) else str(row[PATH_COLUMNS[m]])
+            for m in self.modality_names
+        }
         first = next(p for p in paths.values() if p)
         rec = super().record({**row, "path": first}, split)
         del rec["path"]  # set per sample from the modalities actually served

@@ -1,4 +1,4 @@
-"""JEPA pretraining data module: T1w/T2w/FLAIR mixed from one manifest, SPEC 1.4 augmentation, mask collation.
+"""JEPA pretraining data module: T1w/T2w/FLAIR mixed from one manifest, docs/method.md §1.4 augmentation, mask collation.
 
 Mask stream: batch ``i`` of epoch ``e`` gets mask step ``e * batches_per_epoch + i``. The sampler's ``set_epoch`` (which
 Lightning calls at every epoch start, before the loader's workers are created) moves the collator there, so masks,
@@ -14,8 +14,8 @@ from typing import Any
 from monai.transforms import Compose
 from torch.utils.data import DataLoader
 
-from data_modules.base import EpochSampler, MRIDataModule
-from data_modules.transforms import eval_transforms, pretrain_augmentations
+from neurojepa_pl.data.transforms import eval_transforms, pretrain_augmentations
+from neurojepa_pl.data_modules.base import EpochSampler, MRIDataModule
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +24,13 @@ PAPER_MASK_RATIO = 0.75
 
 
 class PretrainDataModule(MRIDataModule):
-    """All modalities mixed (no modality input to the model, SPEC 1.6), batches collated with JEPA masks.
+    """All modalities mixed (no modality input to the model, docs/method.md §1.6), batches collated with JEPA masks.
 
-    Args (in addition to :class:`data_modules.base.MRIDataModule`'s):
+    Args (in addition to :class:`neurojepa_pl.data_modules.base.MRIDataModule`'s):
         masking: ``"multiscale"`` (the paper's three generators) or ``"vjepa2"`` (ablation).
         patch_size: patch edge; ``spatial_size`` must be a multiple of it.
         mask_ratio: target share of the multiscale generators (0.75 in the paper).
-        foreground_aware: foreground-first erosion/dilation of the masks (SPEC 6.1).
+        foreground_aware: foreground-first erosion/dilation of the masks (docs/method.md §6.1).
         use_all_for_pretraining: train on every row regardless of ``split`` (then there is no val loader).
 
     Batches: dicts with ``image`` ``[B, 1, D, H, W]``, metadata lists (``subject_id``, ``path``, ...) and the
@@ -98,7 +98,7 @@ class PretrainDataModule(MRIDataModule):
         ]
 
     def make_collator(self, seed: int):
-        from data_modules.collate import JEPAMaskCollator
+        from neurojepa_pl.data_modules.collate import JEPAMaskCollator
 
         return JEPAMaskCollator(
             self.mask_generators(),

@@ -1,8 +1,8 @@
 """Frozen-backbone feature extraction from scan paths, through the evaluation loading chain.
 
-Each path goes through the deterministic loading chain (:func:`data_modules.transforms.loading_transforms`: RAS,
+Each path goes through the deterministic loading chain (:func:`neurojepa_pl.data.transforms.loading_transforms`: RAS,
 percentile scaling, optional pad/crop and resampling, foreground crop, resize) and the evaluation transform
-(:func:`data_modules.transforms.eval_transforms`: centre crop to ``spatial_size``), exactly as evaluation batches are
+(:func:`neurojepa_pl.data.transforms.eval_transforms`: centre crop to ``spatial_size``), exactly as evaluation batches are
 built, then through the backbone without gradients.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data_modules.transforms import IMAGE_KEY, TransformSettings, eval_transforms, loading_transforms
+from neurojepa_pl.data.transforms import IMAGE_KEY, TransformSettings, eval_transforms, loading_transforms
 
 __all__ = ["load_eval_volumes", "extract_tokens", "extract_features"]
 
@@ -41,8 +41,9 @@ def load_eval_volumes(paths: Sequence[str | Path], settings: TransformSettings |
 
 
 @torch.no_grad()
-def _run_backbone(backbone: nn.Module, volumes: torch.Tensor, batch_size: int, device: torch.device | str | None,
-                  pool: bool) -> torch.Tensor:
+def _run_backbone(
+    backbone: nn.Module, volumes: torch.Tensor, batch_size: int, device: torch.device | str | None, pool: bool
+) -> torch.Tensor:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
@@ -51,15 +52,16 @@ def _run_backbone(backbone: nn.Module, volumes: torch.Tensor, batch_size: int, d
     try:
         outputs = []
         for start in range(0, volumes.shape[0], batch_size):
-            tokens = backbone(volumes[start:start + batch_size].to(device))
+            tokens = backbone(volumes[start : start + batch_size].to(device))
             outputs.append((tokens.mean(dim=1) if pool else tokens).float().cpu())
     finally:
         backbone.train(was_training)
     return torch.cat(outputs, dim=0)
 
 
-def extract_tokens(backbone: nn.Module, volumes: torch.Tensor, batch_size: int = 4,
-                   device: torch.device | str | None = None) -> torch.Tensor:
+def extract_tokens(
+    backbone: nn.Module, volumes: torch.Tensor, batch_size: int = 4, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Backbone tokens ``[n, N, C]`` (CPU float32) of already-loaded volumes ``[n, 1, D, H, W]``.
 
     The backbone runs in eval mode without gradients and is returned to its previous mode.
@@ -67,8 +69,13 @@ def extract_tokens(backbone: nn.Module, volumes: torch.Tensor, batch_size: int =
     return _run_backbone(backbone, volumes, batch_size, device, pool=False)
 
 
-def extract_features(backbone: nn.Module, paths: Sequence[str | Path], settings: TransformSettings | None = None,
-                     batch_size: int = 4, device: torch.device | str | None = None) -> np.ndarray:
+def extract_features(
+    backbone: nn.Module,
+    paths: Sequence[str | Path],
+    settings: TransformSettings | None = None,
+    batch_size: int = 4,
+    device: torch.device | str | None = None,
+) -> np.ndarray:
     """Mean-pooled backbone features of scans.
 
     Args:

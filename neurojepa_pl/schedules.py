@@ -3,13 +3,13 @@
 Every value here depends only on the number of the optimizer update it is used for, so a run resumed from a checkpoint
 (which stores that counter) continues its schedules exactly, with no scheduler objects to fast-forward.
 
-Step convention (SPEC 7). The reference steps its lr / weight-decay / MoE-rate schedulers *before*
+Step convention (docs/method.md §7). The reference steps its lr / weight-decay / MoE-rate schedulers *before*
 ``optimizer.step()``, so the first update uses the value at step 1, the k-th update the value at step k. We replicate
 that: :meth:`PretrainSchedule.at` takes the 1-based number ``k`` of the update about to be applied. The reference's EMA
 momentum generator, in contrast, is consumed *after* the update starting at index 0, so the k-th EMA update uses the
 momentum at step ``k - 1``; :meth:`PretrainSchedule.at` applies that offset for you.
 
-A step that is skipped because its loss was not finite does not count as an update (SPEC 7: "non-finite losses skip
+A step that is skipped because its loss was not finite does not count as an update (docs/method.md §7: "non-finite losses skip
 the step and the schedules"), so the counter is the number of *applied* updates, which can be smaller than Lightning's
 ``global_step``.
 """
@@ -119,7 +119,7 @@ class ScheduleValues:
 
 @dataclass(frozen=True)
 class PretrainSchedule:
-    """All pretraining schedules of SPEC 7 in one pure object.
+    """All pretraining schedules of docs/method.md §7 in one pure object.
 
     Attributes mirror the ``JEPAPretrainModule`` init args. ``cooldown_steps`` is the length of the final decay
     (``total_steps`` for a cool-down phase, 0 for the paper's phase 1).
@@ -157,7 +157,9 @@ class PretrainSchedule:
         total = self.total_steps
         return ScheduleValues(
             lr=lr_at(update, **self._lr_kwargs()),
-            weight_decay=weight_decay_at(update, start=self.weight_decay[0], end=self.weight_decay[1], total_steps=total),
+            weight_decay=weight_decay_at(
+                update, start=self.weight_decay[0], end=self.weight_decay[1], total_steps=total
+            ),
             ema_momentum=ema_momentum_at(
                 update - 1, start=self.ema_momentum[0], end=self.ema_momentum[1], total_steps=total
             ),

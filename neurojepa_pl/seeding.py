@@ -4,7 +4,7 @@ All mask (and other per-batch) randomness is keyed by ``(seed, rank, worker, ste
 
 * a resumed run that fast-forwards ``step`` redraws exactly the same random numbers,
 * different ranks and workers draw different numbers (the reference seeded masks identically on every rank,
-  SPEC 5.2 / 12.9; we fix that on purpose),
+  docs/method.md §5.2 / 12.9; we fix that on purpose),
 * adding a new random stream never shifts an existing one.
 
 The key tuple is encoded canonically and hashed with BLAKE2b. A plain arithmetic mix (``seed * K + step``) collides

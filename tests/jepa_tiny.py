@@ -5,13 +5,14 @@ Volumes are 32x36x32 with patch 4, i.e. the paper's 8x9x8 = 576-token grid, so t
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data_modules.collate import JEPAMaskCollator
+from neurojepa_pl.data_modules.collate import JEPAMaskCollator
 from neurojepa_pl.masks import paper_mask_generators
 from neurojepa_pl.modules.pretrain import JEPAPretrainModule
 
@@ -23,9 +24,15 @@ TINY_OVERRIDES = {"img_size": list(IMG), "patch_size": PATCH}
 def tiny_module(**kwargs: Any) -> JEPAPretrainModule:
     """The MoE tiny model with short schedules; kwargs override any init arg."""
     args: dict[str, Any] = dict(
-        encoder="vit_tiny_moe", encoder_overrides=TINY_OVERRIDES, predictor="predictor_tiny",
-        predictor_overrides={**TINY_OVERRIDES, "encoder_embed_dim": 64}, warmup_steps=4, total_steps=50,
-        lr_start=1e-4, lr_peak=1e-3, mask_figure_every_n_steps=0,
+        encoder="vit_tiny_moe",
+        encoder_overrides=TINY_OVERRIDES,
+        predictor="predictor_tiny",
+        predictor_overrides={**TINY_OVERRIDES, "encoder_embed_dim": 64},
+        warmup_steps=4,
+        total_steps=50,
+        lr_start=1e-4,
+        lr_peak=1e-3,
+        mask_figure_every_n_steps=0,
     )
     args.update(kwargs)
     return JEPAPretrainModule(**args)
@@ -65,7 +72,9 @@ class EpochPermutation(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch)).tolist())
+        return iter(
+            torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch)).tolist()
+        )
 
     def __len__(self) -> int:
         return self.n
@@ -83,14 +92,27 @@ class TinyJEPAData(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         sampler = EpochPermutation(len(self.volumes), self.seed)
-        return DataLoader(_Volumes(self.volumes), batch_size=self.batch_size, sampler=sampler,
-                          collate_fn=self.collator, drop_last=True, num_workers=0)
+        return DataLoader(
+            _Volumes(self.volumes),
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=self.collator,
+            drop_last=True,
+            num_workers=0,
+        )
 
 
 def tiny_trainer(tmp_path, **kwargs: Any) -> pl.Trainer:
     args: dict[str, Any] = dict(
-        accelerator="cpu", devices=1, precision="32", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0, default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        precision="32",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+        default_root_dir=tmp_path,
         deterministic=True,
     )
     args.update(kwargs)
@@ -120,8 +142,15 @@ def write_tiny_cohort(directory, n_scans: int = 8, seed: int = 0) -> str:
         volume = np.where(r < 1, np.where(r < 0.5, 300.0, 180.0) + 20 * rng.standard_normal(r.shape), 0.0)
         path = directory / f"sub-{i:02d}_T1w.nii.gz"
         nib.save(nib.Nifti1Image(volume.astype(np.float32), np.eye(4)), str(path))
-        rows.append({"subject_id": f"sub-{i:02d}", "session_id": "ses-1", "modality": "T1w",
-                     "path": path.name, "split": "train"})
+        rows.append(
+            {
+                "subject_id": f"sub-{i:02d}",
+                "session_id": "ses-1",
+                "modality": "T1w",
+                "path": path.name,
+                "split": "train",
+            }
+        )
     manifest = directory / "manifest.csv"
     with manifest.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -130,5 +159,12 @@ def write_tiny_cohort(directory, n_scans: int = 8, seed: int = 0) -> str:
     return str(manifest)
 
 
-TINY_DATA_ARGS = dict(spatial_size=list(IMG), resize_to=[34, 40, 34], pad_crop_size=None, target_spacing=None,
-                      patch_size=PATCH, batch_size=2, num_workers=0)
+TINY_DATA_ARGS = dict(
+    spatial_size=list(IMG),
+    resize_to=[34, 40, 34],
+    pad_crop_size=None,
+    target_spacing=None,
+    patch_size=PATCH,
+    batch_size=2,
+    num_workers=0,
+)

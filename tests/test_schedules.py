@@ -1,4 +1,4 @@
-"""Schedules against hand-computed values (SPEC 7)."""
+"""Schedules against hand-computed values (docs/method.md §7)."""
 
 import math
 
@@ -13,7 +13,9 @@ from neurojepa_pl.schedules import (
 )
 
 PAPER = dict(lr_start=1e-4, lr_peak=5.25e-4, lr_final=1e-6, warmup_steps=64_000, total_steps=320_000)
-COOLDOWN = dict(lr_start=1e-4, lr_peak=5.25e-4, lr_final=1e-6, warmup_steps=0, total_steps=64_000, cooldown_steps=64_000)
+COOLDOWN = dict(
+    lr_start=1e-4, lr_peak=5.25e-4, lr_final=1e-6, warmup_steps=0, total_steps=64_000, cooldown_steps=64_000
+)
 
 
 def test_warmup_is_linear_from_start_to_peak():

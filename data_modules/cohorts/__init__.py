@@ -1,4 +1,4 @@
-"""Cohort data on the authors' published patient-level splits (SPEC section 11).
+"""Cohort data on the authors' published patient-level splits (docs/method.md §11).
 
 ``build_cohort_manifest(cohort, task, modality, data_root, split_dir)`` joins the published split IDs to scans in a
 BIDS-like tree (or a scan table) and returns a manifest plus a :class:`CohortReport` listing every dropped row and

@@ -3,9 +3,9 @@
 ``ADNI(task="amyloid", modality="FLAIR", data_root="/data/ADNI_BIDS", allow_leakage=True, batch_size=16)`` builds
 the manifest of that split family with :func:`build_cohort_manifest` in ``prepare_data`` (rank 0) into ``work_dir``
 (default: ``<trainer.default_root_dir>/cohort_manifests``), writes the join report next to it, and from then on behaves
-exactly like :class:`data_modules.finetune.FinetuneDataModule` (every keyword of that class and of
-:class:`data_modules.base.MRIDataModule` is accepted). Multimodal split files (``modality="T1w+FLAIR"``) go through
-:class:`MultimodalCohort`, built on :class:`data_modules.multimodal.MultimodalDataModule`.
+exactly like :class:`neurojepa_pl.data_modules.finetune.FinetuneDataModule` (every keyword of that class and of
+:class:`neurojepa_pl.data_modules.base.MRIDataModule` is accepted). Multimodal split files (``modality="T1w+FLAIR"``) go through
+:class:`MultimodalCohort`, built on :class:`neurojepa_pl.data_modules.multimodal.MultimodalDataModule`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import logging
 from pathlib import Path
 from typing import Any, ClassVar
 
-from data_modules.finetune import FinetuneDataModule
-from data_modules.multimodal import MultimodalDataModule
+from neurojepa_pl.data_modules.finetune import FinetuneDataModule
+from neurojepa_pl.data_modules.multimodal import MultimodalDataModule
 
 from .generic import generic_cohort_spec
 from .join import build_cohort_manifest
@@ -110,7 +110,7 @@ class CohortDataModule(_CohortManifest, FinetuneDataModule):
         task: task of the cohort (``None`` when the cohort has one), e.g. ADNI ``"ad"``, ``"amyloid"``, ``"tte"``.
         modality: ``"T1w"``, ``"T2w"``, ``"FLAIR"`` or ``"DWI"`` (what the cohort publishes).
         data_root: BIDS-like tree of the scans (README: data layout per cohort).
-        split_dir: folder of the published split CSVs (default ``../shared/reference_splits`` beside the repo).
+        split_dir: folder of the published split CSVs (default: the copy shipped with the package, ``published_splits/``).
         scan_table: instead of ``data_root``: CSV with ``subject_id``, [``session_id``,] ``modality``, ``path``.
         work_dir: where the manifest and join report go (default ``<trainer.default_root_dir>/cohort_manifests``).
         allow_leakage: accept split files that put a subject in two splits (NACC/ADNI amyloid); the subject is kept
@@ -336,7 +336,20 @@ class UCSFPDGM(CohortDataModule):
 
 
 COHORT_DATAMODULES: dict[str, type[CohortDataModule]] = {
-    cls.cohort_name: cls for cls in (ABIDE, ADHD200, ADNI, BINDMGH, CNP, ICSPR, MCSA, NACC, OASIS3, OpenBHB, PPMI,
-                                     SOOP, UCSFPDGM)  # fmt: skip
+    cls.cohort_name: cls
+    for cls in (
+        ABIDE,
+        ADHD200,
+        ADNI,
+        BINDMGH,
+        CNP,
+        ICSPR,
+        MCSA,
+        NACC,
+        OASIS3,
+        OpenBHB,
+        PPMI,
+        SOOP,
+        UCSFPDGM,
+    )  # fmt: skip
 }
-

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data_modules.manifest import PATH_COLUMNS
+from neurojepa_pl.data import PATH_COLUMNS
 
 from .registry import get_cohort_spec
 from .report import DROPPED_COLUMNS, UNUSED_COLUMNS, CohortLeakageError, CohortReport
@@ -218,8 +218,10 @@ def _join_path_level(table: pd.DataFrame, spec: CohortSpec, data_root, check_fil
     reasons: dict[str, pd.Series] = {}
     for modality, column in spec.path_columns.items():
         raw = table[PATH_PREFIX + modality]
-        bases = table["source_file"].map(os.path.dirname) if data_root is None else pd.Series(
-            os.path.abspath(data_root), index=table.index
+        bases = (
+            table["source_file"].map(os.path.dirname)
+            if data_root is None
+            else pd.Series(os.path.abspath(data_root), index=table.index)
         )
         resolved = pd.Series(
             [
@@ -230,7 +232,7 @@ def _join_path_level(table: pd.DataFrame, spec: CohortSpec, data_root, check_fil
             dtype=object,
         )
         exists = resolved.map(lambda p: p is not None and (not check_files or os.path.isfile(p)))
-        sessions = resolved.map(lambda p: (m.group(1) if p and (m := _SESSION_IN_PATH.search(p)) else ""))
+        sessions = resolved.map(lambda p: m.group(1) if p and (m := _SESSION_IN_PATH.search(p)) else "")
         found[modality] = pd.DataFrame({"path": resolved.where(exists), "session": sessions})
         texts = [
             f"{modality}: column {column!r} is empty" if p is None else f"{modality}: file {p} does not exist"
@@ -394,7 +396,7 @@ def build_cohort_manifest(
     Returns:
         ``(manifest, report)``. Unimodal specs give the per-scan form (``subject_id, session_id, modality, path,
         split``, all label columns of the file, ``site``/extra columns, ``scan_id``, ``source_file``,
-        ``source_row``); multimodal specs give the paired form of :func:`data_modules.manifest.pair_modalities`
+        ``source_row``); multimodal specs give the paired form of :func:`neurojepa_pl.data.pair_modalities`
         (``t1w_path, t2w_path, flair_path`` + ``<mod>_valid``, ``<mod>_scan_id``). Paths are absolute.
 
     Raises:

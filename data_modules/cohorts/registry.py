@@ -1,6 +1,6 @@
-"""The registry of published cohort splits (SPEC section 11): one :class:`CohortSpec` per cohort/task/modality.
+"""The registry of published cohort splits (docs/method.md §11): one :class:`CohortSpec` per cohort/task/modality.
 
-Every entry was written from the header of the split CSVs in ``shared/reference_splits`` (checked by the tests for
+Every entry was written from the header of the split CSVs in ``published_splits/`` (checked by the tests for
 every entry). Known quirks are encoded here rather than patched in the files:
 
 * ADNI amyloid FLAIR: the test file spells the label ``AMYLOID`` where train/val say ``AMYLPET`` (an alias, renamed

@@ -23,7 +23,7 @@ UNUSED_COLUMNS = ("subject", "session", "modality", "path", "reason")
 class CohortLeakageError(ValueError):
     """The published split files put one subject in two splits; carries the :class:`CohortReport`."""
 
-    def __init__(self, message: str, report: "CohortReport"):
+    def __init__(self, message: str, report: CohortReport):
         super().__init__(message)
         self.report = report
 
@@ -34,7 +34,7 @@ def _empty_frame(columns: tuple[str, ...]) -> pd.DataFrame:
 
 @dataclass
 class CohortReport:
-    """Outcome of :func:`data_modules.cohorts.build_cohort_manifest`.
+    """Outcome of :func:`neurojepa_pl.data_modules.cohorts.build_cohort_manifest`.
 
     Attributes:
         cohort / task / modality: the registry key.

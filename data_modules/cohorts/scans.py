@@ -150,9 +150,7 @@ def read_scan_table(
         {
             "subject": frame[subject_col].astype(str).str.strip().str.replace(r"^sub-", "", regex=True),
             "session": (
-                frame[session_col].astype(str).str.strip().str.replace(r"^ses-", "", regex=True)
-                if session_col
-                else ""
+                frame[session_col].astype(str).str.strip().str.replace(r"^ses-", "", regex=True) if session_col else ""
             ),
             "modality": frame["modality"],
             "path": frame["path"].astype(str).map(resolve),

@@ -21,8 +21,8 @@ ID normalisation (used on both sides of every join, the split files and the scan
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 MODALITIES = ("T1w", "T2w", "FLAIR", "DWI")
 TASK_TYPES = ("binary", "multiclass", "multilabel", "regression", "survival")
@@ -205,13 +205,13 @@ class CohortSpec:
         raise KeyError(f"{self.key}: no label column {column!r}; labels are {[label.column for label in self.labels]}.")
 
     def label_specs(self) -> dict:
-        """Label checks in the form ``data_modules.manifest.validate_manifest(label_specs=...)`` takes.
+        """Label checks in the form ``neurojepa_pl.data.validate_manifest(label_specs=...)`` takes.
 
         Returns:
-            ``{column: data_modules.manifest.LabelSpec}`` with empty cells allowed: several cohorts (ICSPR, MCSA) carry
+            ``{column: neurojepa_pl.data.LabelSpec}`` with empty cells allowed: several cohorts (ICSPR, MCSA) carry
             missing labels for the tasks a row is not used for; the join drops rows lacking the *task* labels.
         """
-        from data_modules.manifest import LabelSpec  # the manifest module owns the validation vocabulary
+        from neurojepa_pl.data import LabelSpec  # the manifest module owns the validation vocabulary
 
         return {
             label.column: LabelSpec(label.kind, num_classes=label.num_classes, allow_nan=True)  # type: ignore[arg-type]

@@ -15,20 +15,23 @@ SCAN_KEY_PREFIX = "scan_key__"
 PATH_PREFIX = "path__"
 
 
+PUBLISHED_SPLITS_DIR = Path(__file__).resolve().parent / "published_splits"
+"""The authors' published split CSVs, shipped as package data (MIT licence and checksums beside them)."""
+
+
 def default_split_dir() -> Path:
-    """``../shared/reference_splits`` next to the repository root (where the project's CI keeps the published splits).
+    """The published split CSVs that ship with the package (``published_splits/``: ``unimodal/``, ``multimodal/``).
 
     Raises:
-        FileNotFoundError: when that folder does not exist; pass ``split_dir`` explicitly then.
+        FileNotFoundError: when the installed package lacks them (a broken install); reinstall, or pass ``split_dir``.
     """
-    repo_root = Path(__file__).resolve().parents[2]
-    candidate = repo_root.parent / "shared" / "reference_splits"
-    if not candidate.is_dir():
+    if not PUBLISHED_SPLITS_DIR.is_dir():
         raise FileNotFoundError(
-            f"No split dir given and the default {candidate} does not exist. Pass split_dir= (the folder holding "
-            "unimodal/ and multimodal/ with the published <COHORT>_..._{train,val,test}.csv files)."
+            f"The published split files are missing from the installed package ({PUBLISHED_SPLITS_DIR}). Reinstall "
+            "neurojepa_pl, or pass split_dir= (a folder holding unimodal/ and multimodal/ with the published "
+            "<COHORT>_..._{train,val,test}.csv files)."
         )
-    return candidate
+    return PUBLISHED_SPLITS_DIR
 
 
 def split_file_paths(spec: CohortSpec, split_dir: str | Path) -> dict[str, Path]:

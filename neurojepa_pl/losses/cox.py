@@ -1,4 +1,4 @@
-"""Cox proportional-hazards loss (negative partial log-likelihood) for time-to-event fine-tuning (SPEC 8.5).
+"""Cox proportional-hazards loss (negative partial log-likelihood) for time-to-event fine-tuning (docs/method.md §8.5).
 
 Differences from the reference, on purpose:
 
@@ -26,8 +26,9 @@ def _check_survival_inputs(log_risk: torch.Tensor, time: torch.Tensor, event: to
         )
 
 
-def cox_ph_loss(log_risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor, ties: str = "breslow",
-                l2: float = 0.0) -> torch.Tensor:
+def cox_ph_loss(
+    log_risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor, ties: str = "breslow", l2: float = 0.0
+) -> torch.Tensor:
     """Mean negative Cox partial log-likelihood over the events of a batch.
 
     For events i (``event_i = 1``) with risk set R(t_i) = {j : t_j >= t_i} (Breslow)::
@@ -119,7 +120,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         grad = grad_output.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = ctx.rank * ctx.local_n
-        return grad[start:start + ctx.local_n]
+        return grad[start : start + ctx.local_n]
 
 
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
@@ -150,12 +151,13 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
         pieces = [torch.empty_like(tensor) for _ in range(world)]
         dist.all_gather(pieces, tensor.contiguous())
         gathered = torch.cat(pieces, dim=0)
-    return torch.cat([gathered[r * max_n:r * max_n + n] for r, n in enumerate(sizes_list)], dim=0)
+    return torch.cat([gathered[r * max_n : r * max_n + n] for r, n in enumerate(sizes_list)], dim=0)
 
 
-def gather_survival_batch(log_risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All-gather a survival batch across ranks so Cox risk sets span the global batch (SPEC 8.5 fixed).
+def gather_survival_batch(
+    log_risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All-gather a survival batch across ranks so Cox risk sets span the global batch (docs/method.md §8.5 fixed).
 
     Args:
         log_risk: local log-risks ``[b]`` (gradients flow back to them).

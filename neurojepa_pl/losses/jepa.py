@@ -1,4 +1,4 @@
-"""Foreground-aware JEPA regression loss (SPEC 6.2).
+"""Foreground-aware JEPA regression loss (docs/method.md §6.2).
 
 For mask m, sample b and target token k, with predictor output ``z`` and layer-normed EMA-target features ``h``:
 
@@ -83,7 +83,7 @@ def jepa_loss(
     bg_weight: float = 0.1,
     loss_exp: float = 1.0,
 ) -> Tensor:
-    """Foreground-weighted JEPA loss averaged over masks (SPEC 6.2).
+    """Foreground-weighted JEPA loss averaged over masks (docs/method.md §6.2).
 
     Args:
         pred: predictor outputs, ``[M, B, K, C]`` or a list of M tensors ``[B, K_m, C]``.

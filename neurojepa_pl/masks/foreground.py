@@ -1,8 +1,8 @@
-"""Token foreground map of a batch of volumes (SPEC 6.1).
+"""Token foreground map of a batch of volumes (docs/method.md §6.1).
 
 Two definitions of a foreground voxel, both on ``v = max over channels of |x|`` per sample:
 
-* ``"reference"`` (the reference implementation, SPEC 6.1): ``v > p2 + 0.1 * (p98 - p2)``, with the 2nd and 98th
+* ``"reference"`` (the reference implementation, docs/method.md §6.1): ``v > p2 + 0.1 * (p98 - p2)``, with the 2nd and 98th
   percentiles computed on every k-th voxel, ``k = max(1, numel // 100000)``; when ``p98 <= p2`` (a flat volume)
   the threshold is ``fallback_threshold``.
 * ``"percentile"`` (the paper's wording, "background = intensities outside the 2nd-98th percentile range"): the
@@ -91,7 +91,7 @@ def foreground_token_map(
     method: ForegroundMethod = "reference",
     fallback_threshold: float = 0.0,
 ) -> Tensor:
-    """Token foreground map of a batch (SPEC 6.1); computed on the augmented batch in the collator.
+    """Token foreground map of a batch (docs/method.md §6.1); computed on the augmented batch in the collator.
 
     Args:
         volumes: ``[B, C, D, H, W]``; D, H, W divisible by the patch size.

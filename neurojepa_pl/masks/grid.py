@@ -1,6 +1,6 @@
 """Token-grid helpers shared by the mask generators: shape checks, 6-neighbour fronts, index extraction.
 
-Token layout (SPEC 0): a grid ``(g0, g1, g2)`` = (height, width, depth) = ``(8, 9, 8)`` for the paper, flattened in
+Token layout (docs/method.md §0): a grid ``(g0, g1, g2)`` = (height, width, depth) = ``(8, 9, 8)`` for the paper, flattened in
 C order, so token id = ``g1*g2*i0 + g2*i1 + i2`` (= ``72*i0 + 8*i1 + i2``). "Kept" (True) means context, masked
 (False) means target.
 """
@@ -32,9 +32,7 @@ def as_grid(grid: Sequence[int]) -> GridShape:
     """
     values = tuple(grid)
     if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
-        raise ValueError(
-            f"Expected a token grid of three positive ints (g0, g1, g2), e.g. (8, 9, 8); found {grid!r}."
-        )
+        raise ValueError(f"Expected a token grid of three positive ints (g0, g1, g2), e.g. (8, 9, 8); found {grid!r}.")
     return values  # type: ignore[return-value]
 
 
@@ -86,7 +84,7 @@ def _any_neighbour(indicator: Tensor) -> Tensor:
 
 
 def outer_boundary(kept: Tensor) -> Tensor:
-    """Erosion front: kept cells with at least one masked 6-neighbour (SPEC 5.2, phase 2).
+    """Erosion front: kept cells with at least one masked 6-neighbour (docs/method.md §5.2, phase 2).
 
     The volume edge counts as kept, so it never creates a front.
 
@@ -100,7 +98,7 @@ def outer_boundary(kept: Tensor) -> Tensor:
 
 
 def inner_boundary(kept: Tensor) -> Tensor:
-    """Dilation front: masked cells with at least one kept 6-neighbour (SPEC 5.2, phase 2).
+    """Dilation front: masked cells with at least one kept 6-neighbour (docs/method.md §5.2, phase 2).
 
     The volume edge counts as masked, so it never creates a front.
 
@@ -114,7 +112,7 @@ def inner_boundary(kept: Tensor) -> Tensor:
 
 
 def shuffled_split(kept_flat: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Ids of kept and of masked tokens, each in random order (SPEC 5.2, phase 3).
+    """Ids of kept and of masked tokens, each in random order (docs/method.md §5.2, phase 3).
 
     The order is random so that the sequence position carries no spatial information. The kept permutation is
     drawn before the masked one.

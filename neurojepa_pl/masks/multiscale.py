@@ -1,4 +1,4 @@
-"""Neuro-JEPA multiscale 3D block masks with exact context/target counts (SPEC 5.1, 5.2).
+"""Neuro-JEPA multiscale 3D block masks with exact context/target counts (docs/method.md §5.1, 5.2).
 
 One generator draws, for every sample of a batch, a context set of exactly ``N - int(N * mask_ratio)`` tokens and a
 target set of the remaining ``int(N * mask_ratio)`` tokens (144 / 432 on the paper's 8x9x8 grid):
@@ -47,7 +47,7 @@ def _as_range(name: str, value: Sequence[float], *, low: float, high: float | No
 
 
 class MultiscaleBlockMaskGenerator:
-    """Multiscale 3D block mask generator with exact token counts (SPEC 5.2).
+    """Multiscale 3D block mask generator with exact token counts (docs/method.md §5.2).
 
     Grid naming follows the reference: height = axis0 (``g0``), width = axis1 (``g1``), depth = axis2 (``g2``).
     A block spans ``h`` rows on axis0, ``w`` columns on axis1 and ``d`` slices on axis2, where ``d`` comes from
@@ -104,7 +104,7 @@ class MultiscaleBlockMaskGenerator:
                 f"and {self.num_target} target tokens; both must be >= 1. Choose a ratio in "
                 f"[{1 / self.num_tokens:.4f}, {1 - 1 / self.num_tokens:.4f}) or a larger grid."
             )
-        # Raised lower bounds guarantee at least one cell per block (SPEC 5.2 phase 1, steps 1-2).
+        # Raised lower bounds guarantee at least one cell per block (docs/method.md §5.2 phase 1, steps 1-2).
         self._depth_low = max(self.depth_scale[0], 1.0 / g2)
         self._spatial_low = max(self.spatial_scale[0], 1.0 / (g0 * g1))
         if self._depth_low > self.depth_scale[1] or self._spatial_low > self.spatial_scale[1]:
@@ -269,7 +269,7 @@ class MultiscaleBlockMaskGenerator:
 def paper_mask_generators(
     grid: Sequence[int] = (8, 9, 8), foreground_aware: bool = True
 ) -> list[MultiscaleBlockMaskGenerator]:
-    """The paper's three generators (SPEC 5.1): 32 blocks at spatial scale 0-0.2, 16 at 0.2-0.5, 4 at 0.5-0.7.
+    """The paper's three generators (docs/method.md §5.1): 32 blocks at spatial scale 0-0.2, 16 at 0.2-0.5, 4 at 0.5-0.7.
 
     All use depth scale 0-1, aspect ratio 0.75-1.5 and mask ratio 0.75 (144 context / 432 target tokens on 8x9x8).
 

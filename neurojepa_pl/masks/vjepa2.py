@@ -178,7 +178,11 @@ def vjepa2_mask_generators(
     """
     return [
         VJEPA2BlockMaskGenerator(
-            grid, num_blocks=n, spatial_scale=(s, s), depth_scale=(1.0, 1.0), aspect_ratio=(0.75, 1.5),
+            grid,
+            num_blocks=n,
+            spatial_scale=(s, s),
+            depth_scale=(1.0, 1.0),
+            aspect_ratio=(0.75, 1.5),
             truncation=truncation,
         )
         for n, s in ((8, 0.15), (2, 0.7))

@@ -1,4 +1,4 @@
-"""Non-parametric percentile bootstrap over held-out samples (paper, "Statistical analysis"; SPEC 8.9).
+"""Non-parametric percentile bootstrap over held-out samples (paper, "Statistical analysis"; docs/method.md §8.9).
 
 The resample count and CI level are stripped from the paper; defaults are 1000 resamples and a 95% interval.
 Resampling is by test sample (rows of every array together), optionally stratified so each resample keeps the
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -19,8 +19,7 @@ __all__ = ["bootstrap_ci", "bootstrap_metrics", "bootstrap_indices"]
 _MIN_FINITE_FRACTION = 0.5
 
 
-def bootstrap_indices(n: int, n_boot: int, rng: np.random.Generator, stratify: np.ndarray | None = None
-                      ) -> np.ndarray:
+def bootstrap_indices(n: int, n_boot: int, rng: np.random.Generator, stratify: np.ndarray | None = None) -> np.ndarray:
     """Draw ``n_boot`` resamples of ``n`` row indices with replacement.
 
     Args:
@@ -44,7 +43,7 @@ def bootstrap_indices(n: int, n_boot: int, rng: np.random.Generator, stratify: n
     start = 0
     for value in np.unique(stratify):
         members = np.flatnonzero(stratify == value)
-        out[:, start:start + members.size] = members[rng.integers(0, members.size, size=(n_boot, members.size))]
+        out[:, start : start + members.size] = members[rng.integers(0, members.size, size=(n_boot, members.size))]
         start += members.size
     return out
 
@@ -56,14 +55,21 @@ def _as_arrays(arrays: tuple) -> tuple[list[np.ndarray], int]:
     n = arrays_np[0].shape[0]
     for i, a in enumerate(arrays_np):
         if a.shape[0] != n:
-            raise ValueError(f"all arrays must have the same number of rows; array 0 has {n}, array {i} has "
-                             f"{a.shape[0]}.")
+            raise ValueError(
+                f"all arrays must have the same number of rows; array 0 has {n}, array {i} has {a.shape[0]}."
+            )
     return arrays_np, n
 
 
-def bootstrap_metrics(metric_fn: Callable[..., Mapping[str, float]], *arrays, n_boot: int = 1000,
-                      alpha: float = 0.05, seed: int = 0, stratify: np.ndarray | None = None,
-                      too_few_finite: str = "raise") -> dict[str, tuple[float, float, float]]:
+def bootstrap_metrics(
+    metric_fn: Callable[..., Mapping[str, float]],
+    *arrays,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    stratify: np.ndarray | None = None,
+    too_few_finite: str = "raise",
+) -> dict[str, tuple[float, float, float]]:
     """Percentile-bootstrap CIs for several metrics computed on the same resamples.
 
     Args:
@@ -103,24 +109,36 @@ def bootstrap_metrics(metric_fn: Callable[..., Mapping[str, float]], *arrays, n_
             out[name] = (float(value), float("nan"), float("nan"))
             continue
         if finite.size < _MIN_FINITE_FRACTION * n_boot:
-            message = (f"metric {name!r}: only {finite.size} of {n_boot} bootstrap resamples are finite; the test "
-                       "set is too small or too unbalanced for this metric. Pass stratify=<class labels> or use more "
-                       "samples.")
+            message = (
+                f"metric {name!r}: only {finite.size} of {n_boot} bootstrap resamples are finite; the test "
+                "set is too small or too unbalanced for this metric. Pass stratify=<class labels> or use more "
+                "samples."
+            )
             if too_few_finite == "raise":
                 raise ValueError(message)
             warnings.warn(message + " Its interval is reported as NaN.", stacklevel=2)
             out[name] = (float(value), float("nan"), float("nan"))
             continue
         if finite.size < n_boot:
-            warnings.warn(f"metric {name!r}: {n_boot - finite.size} of {n_boot} bootstrap resamples were undefined "
-                          "and left out of the interval.", stacklevel=2)
+            warnings.warn(
+                f"metric {name!r}: {n_boot - finite.size} of {n_boot} bootstrap resamples were undefined "
+                "and left out of the interval.",
+                stacklevel=2,
+            )
         low, high = np.quantile(finite, [alpha / 2.0, 1.0 - alpha / 2.0])
         out[name] = (float(value), float(low), float(high))
     return out
 
 
-def bootstrap_ci(metric_fn: Callable[..., float], *arrays, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0,
-                 stratify: np.ndarray | None = None, too_few_finite: str = "raise") -> tuple[float, float, float]:
+def bootstrap_ci(
+    metric_fn: Callable[..., float],
+    *arrays,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    stratify: np.ndarray | None = None,
+    too_few_finite: str = "raise",
+) -> tuple[float, float, float]:
     """Percentile-bootstrap CI of one scalar metric over test samples.
 
     Args:
@@ -135,6 +153,13 @@ def bootstrap_ci(metric_fn: Callable[..., float], *arrays, n_boot: int = 1000, a
     Returns:
         ``(point, ci_low, ci_high)``.
     """
-    result = bootstrap_metrics(lambda *a: {"value": float(metric_fn(*a))}, *arrays, n_boot=n_boot, alpha=alpha,
-                               seed=seed, stratify=stratify, too_few_finite=too_few_finite)
+    result = bootstrap_metrics(
+        lambda *a: {"value": float(metric_fn(*a))},
+        *arrays,
+        n_boot=n_boot,
+        alpha=alpha,
+        seed=seed,
+        stratify=stratify,
+        too_few_finite=too_few_finite,
+    )
     return result["value"]

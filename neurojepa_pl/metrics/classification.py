@@ -2,21 +2,21 @@
 
 Tasks and array conventions:
 
-* ``binary``: ``target`` ``[n]`` in {0, 1}; ``scores`` ``[n]`` = P(class 1) (the softmax of the 2 logits, SPEC 8.3).
+* ``binary``: ``target`` ``[n]`` in {0, 1}; ``scores`` ``[n]`` = P(class 1) (the softmax of the 2 logits, docs/method.md §8.3).
 * ``multiclass``: ``target`` ``[n]`` integer classes; ``scores`` ``[n, C]`` class probabilities.
 * ``multilabel``: ``target`` ``[n, L]`` in {0, 1}; ``scores`` ``[n, L]`` sigmoid probabilities; ``label_mask``
   ``[n, L]`` bool (False = label missing for that scan, left out of that label's metrics).
 
 Every task returns AUROC, average precision (AP) and balanced accuracy (mean per-class recall; threshold 0.5 or
 argmax), macro-averaged over the classes/labels where they are defined, plus per-class values for multi-output
-tasks and ``selection = 0.5 * AUROC + 0.5 * AP`` (the reference's model-selection score, SPEC 8.3).
+tasks and ``selection = 0.5 * AUROC + 0.5 * AP`` (the reference's model-selection score, docs/method.md §8.3).
 A class (or label) whose targets hold only one value has undefined AUROC/AP: it is NaN and left out of the macro
 average; when no class is defined the macro value is NaN.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -56,8 +56,13 @@ def _per_class(prefix_values: dict[str, list[float]], names: Sequence[str]) -> d
     return out
 
 
-def classification_metrics(task: str, target: np.ndarray, scores: np.ndarray, label_mask: np.ndarray | None = None,
-                           class_names: Sequence[str] | None = None) -> dict[str, float]:
+def classification_metrics(
+    task: str,
+    target: np.ndarray,
+    scores: np.ndarray,
+    label_mask: np.ndarray | None = None,
+    class_names: Sequence[str] | None = None,
+) -> dict[str, float]:
     """AUROC, AP, balanced accuracy (macro + per class) and the selection score.
 
     Args:
@@ -77,15 +82,17 @@ def classification_metrics(task: str, target: np.ndarray, scores: np.ndarray, la
         if scores.ndim == 2 and scores.shape[1] == 2:
             scores = scores[:, 1]
         if scores.ndim != 1 or target.reshape(-1).shape != scores.shape:
-            raise ValueError(f"binary metrics expect target [n] and scores [n] (P(class 1)); got "
-                             f"{target.shape} and {scores.shape}.")
+            raise ValueError(
+                f"binary metrics expect target [n] and scores [n] (P(class 1)); got {target.shape} and {scores.shape}."
+            )
         auroc, ap, bacc = _binary_scores(target.reshape(-1).astype(np.int64), scores)
         return {"auroc": auroc, "ap": ap, "balanced_accuracy": bacc, "selection": 0.5 * auroc + 0.5 * ap}
 
     if task == "multiclass":
         if scores.ndim != 2 or target.shape != (scores.shape[0],):
-            raise ValueError(f"multiclass metrics expect target [n] and scores [n, C]; got {target.shape} and "
-                             f"{scores.shape}.")
+            raise ValueError(
+                f"multiclass metrics expect target [n] and scores [n, C]; got {target.shape} and {scores.shape}."
+            )
         n_classes = scores.shape[1]
         target = target.astype(np.int64)
         aurocs, aps = [], []
@@ -96,8 +103,10 @@ def classification_metrics(task: str, target: np.ndarray, scores: np.ndarray, la
         predicted = scores.argmax(axis=1)
         # Per-class recall by hand: torchmetrics reports 0 for a class absent from the target, which would drag the
         # macro balanced accuracy down; NaN leaves such a class out, like the AUROC/AP macro averages.
-        recalls = [float((predicted[target == c] == c).mean()) if (target == c).any() else float("nan")
-                   for c in range(n_classes)]
+        recalls = [
+            float((predicted[target == c] == c).mean()) if (target == c).any() else float("nan")
+            for c in range(n_classes)
+        ]
         names = list(class_names) if class_names is not None else [str(c) for c in range(n_classes)]
         out = {"auroc": _nanmean(aurocs), "ap": _nanmean(aps), "balanced_accuracy": _nanmean(recalls)}
         out["selection"] = 0.5 * out["auroc"] + 0.5 * out["ap"]
@@ -106,8 +115,9 @@ def classification_metrics(task: str, target: np.ndarray, scores: np.ndarray, la
 
     if task == "multilabel":
         if scores.ndim != 2 or target.shape != scores.shape:
-            raise ValueError(f"multilabel metrics expect target and scores [n, L]; got {target.shape} and "
-                             f"{scores.shape}.")
+            raise ValueError(
+                f"multilabel metrics expect target and scores [n, L]; got {target.shape} and {scores.shape}."
+            )
         mask = np.ones(target.shape, dtype=bool) if label_mask is None else np.asarray(label_mask, dtype=bool)
         if mask.shape != target.shape:
             raise ValueError(f"label_mask must be [n, L] = {target.shape}; got {mask.shape}.")

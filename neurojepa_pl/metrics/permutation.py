@@ -7,16 +7,21 @@ models' predictions for a random subset of samples (a fair coin per sample) and 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 __all__ = ["paired_permutation_test"]
 
 
-def paired_permutation_test(metric_fn: Callable[[np.ndarray, np.ndarray], float], y: np.ndarray,
-                            pred_a: np.ndarray, pred_b: np.ndarray, n_perm: int = 10000, seed: int = 0
-                            ) -> tuple[float, float]:
+def paired_permutation_test(
+    metric_fn: Callable[[np.ndarray, np.ndarray], float],
+    y: np.ndarray,
+    pred_a: np.ndarray,
+    pred_b: np.ndarray,
+    n_perm: int = 10000,
+    seed: int = 0,
+) -> tuple[float, float]:
     """Test whether ``metric_fn(y, pred_a)`` and ``metric_fn(y, pred_b)`` differ.
 
     Args:

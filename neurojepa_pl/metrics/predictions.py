@@ -15,8 +15,8 @@ multiclass), and ``read_predictions`` accepts an explicit task to override the i
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -36,8 +36,12 @@ def _names(count: int, class_names: Sequence[str] | None) -> list[str]:
     return [str(c) for c in class_names]
 
 
-def predictions_frame(task: str, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, Sequence] | None = None,
-                      class_names: Sequence[str] | None = None) -> pd.DataFrame:
+def predictions_frame(
+    task: str,
+    arrays: Mapping[str, np.ndarray],
+    metadata: Mapping[str, Sequence] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> pd.DataFrame:
     """Build the predictions table of one evaluation.
 
     Args:
@@ -67,20 +71,28 @@ def predictions_frame(task: str, arrays: Mapping[str, np.ndarray], metadata: Map
         for j, name in enumerate(names):
             columns[f"prob_{name}"] = score[:, j]
     elif task == "regression":
-        columns.update(target=np.asarray(arrays["target"], dtype=float),
-                       prediction=np.asarray(arrays["prediction"], dtype=float))
+        columns.update(
+            target=np.asarray(arrays["target"], dtype=float), prediction=np.asarray(arrays["prediction"], dtype=float)
+        )
     else:
-        columns.update(time=np.asarray(arrays["time"], dtype=float), event=np.asarray(arrays["event"]).astype(int),
-                       risk=np.asarray(arrays["risk"], dtype=float))
+        columns.update(
+            time=np.asarray(arrays["time"], dtype=float),
+            event=np.asarray(arrays["event"]).astype(int),
+            risk=np.asarray(arrays["risk"], dtype=float),
+        )
     lengths = {k: len(v) for k, v in columns.items()}
     if len(set(lengths.values())) > 1:
         raise ValueError(f"predictions columns have different lengths: {lengths}.")
     return pd.DataFrame(columns)
 
 
-def write_predictions(path: str | Path, task: str, arrays: Mapping[str, np.ndarray],
-                      metadata: Mapping[str, Sequence] | None = None,
-                      class_names: Sequence[str] | None = None) -> Path:
+def write_predictions(
+    path: str | Path,
+    task: str,
+    arrays: Mapping[str, np.ndarray],
+    metadata: Mapping[str, Sequence] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> Path:
     """Write ``predictions.csv`` (see :func:`predictions_frame`); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,8 +117,9 @@ def infer_task(columns: Sequence[str]) -> str:
     raise ValueError(f"cannot tell the task of a predictions table with columns {list(columns)}; pass the task.")
 
 
-def read_predictions(path: str | Path, task: str | None = None
-                     ) -> tuple[str, dict[str, np.ndarray], pd.DataFrame, list[str] | None]:
+def read_predictions(
+    path: str | Path, task: str | None = None
+) -> tuple[str, dict[str, np.ndarray], pd.DataFrame, list[str] | None]:
     """Read ``predictions.csv`` back into canonical arrays.
 
     Args:
@@ -120,12 +133,13 @@ def read_predictions(path: str | Path, task: str | None = None
     if path.is_dir():
         path = path / PREDICTIONS_FILENAME
     if not path.is_file():
-        raise FileNotFoundError(f"no predictions table at {path}; `neurojepa test` writes one into the run's "
-                                "output_dir.")
+        raise FileNotFoundError(
+            f"no predictions table at {path}; `neurojepa test` writes one into the run's output_dir."
+        )
     frame = pd.read_csv(path, dtype={"subject_id": str, "session_id": str, "path": str})
     task = task or infer_task(list(frame.columns))
     probs = [c for c in frame.columns if c.startswith("prob_")]
-    names = [c[len("prob_"):] for c in probs]
+    names = [c[len("prob_") :] for c in probs]
     if task == "binary":
         return task, {"target": frame["target"].to_numpy(int), "score": frame[probs[-1]].to_numpy(float)}, frame, None
     if task == "multiclass":
@@ -133,14 +147,24 @@ def read_predictions(path: str | Path, task: str | None = None
     if task == "multilabel":
         target = frame[[f"target_{n}" for n in names]].to_numpy(float)
         mask = ~np.isnan(target)
-        arrays = {"target": np.nan_to_num(target, nan=0.0).astype(int), "score": frame[probs].to_numpy(float),
-                  "mask": mask}
+        arrays = {
+            "target": np.nan_to_num(target, nan=0.0).astype(int),
+            "score": frame[probs].to_numpy(float),
+            "mask": mask,
+        }
         return task, arrays, frame, names
     if task == "regression":
-        return task, {"target": frame["target"].to_numpy(float), "prediction": frame["prediction"].to_numpy(float)}, \
-            frame, None
+        return (
+            task,
+            {"target": frame["target"].to_numpy(float), "prediction": frame["prediction"].to_numpy(float)},
+            frame,
+            None,
+        )
     if task == "survival":
-        arrays = {"time": frame["time"].to_numpy(float), "event": frame["event"].to_numpy(int),
-                  "risk": frame["risk"].to_numpy(float)}
+        arrays = {
+            "time": frame["time"].to_numpy(float),
+            "event": frame["event"].to_numpy(int),
+            "risk": frame["risk"].to_numpy(float),
+        }
         return task, arrays, frame, None
     raise ValueError(f"task must be one of {tuple(TASK_ARRAYS)}; got {task!r}.")

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,9 +44,16 @@ def _json_number(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def write_metrics_json(path: str | Path, results: Mapping[str, tuple[float, float, float]], *, n: int, task: str,
-                       n_bootstrap: int | None = None, ci_level: float | None = None,
-                       extra: Mapping[str, Any] | None = None) -> dict:
+def write_metrics_json(
+    path: str | Path,
+    results: Mapping[str, tuple[float, float, float]],
+    *,
+    n: int,
+    task: str,
+    n_bootstrap: int | None = None,
+    ci_level: float | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict:
     """Write ``metrics.json`` and return the written dict.
 
     Args:
@@ -93,8 +101,13 @@ def _curves(target: np.ndarray, scores: np.ndarray):
     return fpr.numpy(), tpr.numpy(), precision.numpy(), recall.numpy()
 
 
-def roc_pr_figures(task: str, target: np.ndarray, scores: np.ndarray, label_mask: np.ndarray | None = None,
-                   class_names: Sequence[str] | None = None) -> dict[str, Figure]:
+def roc_pr_figures(
+    task: str,
+    target: np.ndarray,
+    scores: np.ndarray,
+    label_mask: np.ndarray | None = None,
+    class_names: Sequence[str] | None = None,
+) -> dict[str, Figure]:
     """ROC and precision-recall curves (one curve per class / label for multi-output tasks).
 
     Args:
@@ -150,8 +163,12 @@ def kaplan_meier_figure(split: KaplanMeierSplit, time_unit: str = "time") -> Fig
     ax.step(split.low_time, split.low_survival, where="post", label=f"low risk (n={split.n_low})")
     ax.step(split.high_time, split.high_survival, where="post", label=f"high risk (n={split.n_high})")
     p = "n/a" if not math.isfinite(split.logrank_p) else f"{split.logrank_p:.3g}"
-    ax.set(xlabel=time_unit, ylabel="survival probability", ylim=(0, 1.02),
-           title=f"Kaplan-Meier by median risk (log-rank p={p})")
+    ax.set(
+        xlabel=time_unit,
+        ylabel="survival probability",
+        ylim=(0, 1.02),
+        title=f"Kaplan-Meier by median risk (log-rank p={p})",
+    )
     ax.legend(loc="lower left", fontsize="small")
     fig.tight_layout()
     return fig

@@ -43,7 +43,7 @@ def concordance_index(time, event, risk) -> float:
 
     Returns:
         The C-index in [0, 1]; NaN when it is undefined (no event, or no comparable pair), where the reference
-        returned 0.5 (SPEC 8.5) and sksurv would raise or divide by zero.
+        returned 0.5 (docs/method.md §8.5) and sksurv would raise or divide by zero.
     """
     time, event, risk = _survival_arrays(time, event, risk)
     if not event.any():
@@ -102,12 +102,15 @@ def kaplan_meier_by_risk_group(time, event, risk) -> KaplanMeierSplit:
     threshold = float(np.median(risk))
     high = risk > threshold
     if high.all() or not high.any():
-        raise ValueError(f"median split of {risk.size} risks at {threshold:.4g} leaves a group empty "
-                         "(are all predicted risks equal?).")
+        raise ValueError(
+            f"median split of {risk.size} risks at {threshold:.4g} leaves a group empty "
+            "(are all predicted risks equal?)."
+        )
     t_low, s_low = kaplan_meier_estimator(event[~high], time[~high])
     t_high, s_high = kaplan_meier_estimator(event[high], time[high])
     chi2, p = float("nan"), float("nan")
     if event.any():
         chi2, p = compare_survival(Surv.from_arrays(event=event, time=time), high.astype(int))
-    return KaplanMeierSplit(threshold, t_low, s_low, t_high, s_high, int((~high).sum()), int(high.sum()),
-                            float(chi2), float(p))
+    return KaplanMeierSplit(
+        threshold, t_low, s_low, t_high, s_high, int((~high).sum()), int(high.sum()), float(chi2), float(p)
+    )

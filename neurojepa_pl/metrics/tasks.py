@@ -18,7 +18,7 @@ C-index (survival).
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -29,8 +29,15 @@ from neurojepa_pl.metrics.regression import regression_metrics
 from neurojepa_pl.metrics.report import kaplan_meier_figure, regression_scatter_figure, roc_pr_figures
 from neurojepa_pl.metrics.survival import concordance_index, kaplan_meier_by_risk_group
 
-__all__ = ["TASKS", "TASK_ARRAYS", "PRIMARY_METRIC", "task_metric_fn", "compute_task_metrics",
-           "bootstrap_task_metrics", "task_figures"]
+__all__ = [
+    "TASKS",
+    "TASK_ARRAYS",
+    "PRIMARY_METRIC",
+    "task_metric_fn",
+    "compute_task_metrics",
+    "bootstrap_task_metrics",
+    "task_figures",
+]
 
 TASK_ARRAYS: dict[str, tuple[str, ...]] = {
     "binary": ("target", "score"),
@@ -40,8 +47,13 @@ TASK_ARRAYS: dict[str, tuple[str, ...]] = {
     "survival": ("time", "event", "risk"),
 }
 TASKS = tuple(TASK_ARRAYS)
-PRIMARY_METRIC = {"binary": "auroc", "multiclass": "auroc", "multilabel": "auroc", "regression": "mae",
-                  "survival": "cindex"}
+PRIMARY_METRIC = {
+    "binary": "auroc",
+    "multiclass": "auroc",
+    "multilabel": "auroc",
+    "regression": "mae",
+    "survival": "cindex",
+}
 """The metric a comparison uses when none is named."""
 
 
@@ -74,15 +86,22 @@ def _ordered(task: str, arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     return [np.asarray(arrays[name]) for name in TASK_ARRAYS[task]]
 
 
-def compute_task_metrics(task: str, arrays: Mapping[str, np.ndarray], class_names: Sequence[str] | None = None
-                         ) -> dict[str, float]:
+def compute_task_metrics(
+    task: str, arrays: Mapping[str, np.ndarray], class_names: Sequence[str] | None = None
+) -> dict[str, float]:
     """Point metrics of one task (see the module docstring for the arrays)."""
     return task_metric_fn(task, class_names)(*_ordered(task, arrays))
 
 
-def bootstrap_task_metrics(task: str, arrays: Mapping[str, np.ndarray], n_boot: int = 1000, alpha: float = 0.05,
-                           seed: int = 0, class_names: Sequence[str] | None = None, too_few_finite: str = "nan"
-                           ) -> dict[str, tuple[float, float, float]]:
+def bootstrap_task_metrics(
+    task: str,
+    arrays: Mapping[str, np.ndarray],
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    class_names: Sequence[str] | None = None,
+    too_few_finite: str = "nan",
+) -> dict[str, tuple[float, float, float]]:
     """Point metrics with percentile-bootstrap CIs.
 
     Resampling is stratified by class for binary/multiclass (every resample keeps the class counts, so AUROC stays
@@ -96,12 +115,20 @@ def bootstrap_task_metrics(task: str, arrays: Mapping[str, np.ndarray], n_boot: 
         stratify = arrays["target"]
     elif task == "survival":
         stratify = np.asarray(arrays["event"]).astype(int)
-    return bootstrap_metrics(task_metric_fn(task, class_names), *ordered, n_boot=n_boot, alpha=alpha, seed=seed,
-                             stratify=stratify, too_few_finite=too_few_finite)
+    return bootstrap_metrics(
+        task_metric_fn(task, class_names),
+        *ordered,
+        n_boot=n_boot,
+        alpha=alpha,
+        seed=seed,
+        stratify=stratify,
+        too_few_finite=too_few_finite,
+    )
 
 
-def task_figures(task: str, arrays: Mapping[str, np.ndarray], class_names: Sequence[str] | None = None,
-                 unit: str = "") -> dict[str, Figure]:
+def task_figures(
+    task: str, arrays: Mapping[str, np.ndarray], class_names: Sequence[str] | None = None, unit: str = ""
+) -> dict[str, Figure]:
     """ROC + PR curves (classification), prediction scatter (regression), Kaplan-Meier by median risk (survival).
 
     Survival returns no figure when the median split leaves a group empty (all risks equal).
@@ -114,4 +141,6 @@ def task_figures(task: str, arrays: Mapping[str, np.ndarray], class_names: Seque
     risk = np.asarray(a["risk"], dtype=float)
     if np.unique(risk).size < 2:
         return {}
-    return {"kaplan_meier": kaplan_meier_figure(kaplan_meier_by_risk_group(a["time"], a["event"], risk), unit or "time")}
+    return {
+        "kaplan_meier": kaplan_meier_figure(kaplan_meier_by_risk_group(a["time"], a["event"], risk), unit or "time")
+    }

@@ -1,4 +1,4 @@
-"""Multi-head self-attention with 3D RoPE and the reference's per-head sigmoid output gate (SPEC 2.2)."""
+"""Multi-head self-attention with 3D RoPE and the reference's per-head sigmoid output gate (docs/method.md §2.2)."""
 
 from __future__ import annotations
 

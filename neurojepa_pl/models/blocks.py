@@ -1,4 +1,4 @@
-"""Pre-norm transformer block shared by the encoder and the predictor, and the reference initialisation (SPEC 2.4)."""
+"""Pre-norm transformer block shared by the encoder and the predictor, and the reference initialisation (docs/method.md §2.4)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Accepted sources (``load_backbone``):
 
 * reference pretraining checkpoints (``torch.save`` dict with ``encoder``, ``target_encoder``, ``predictor``, keys
   prefixed ``module.backbone.``); ``which="target"`` takes the EMA ``target_encoder``, ``"context"`` the online
-  ``encoder``. The reference loader silently takes ``encoder`` (SPEC 9.3); we make the choice explicit;
+  ``encoder``. The reference loader silently takes ``encoder`` (docs/method.md §9.3); we make the choice explicit;
 * bare ``.safetensors`` files, reference (``experts.{e}.fc1.weight``) or native (``experts.fc1_weight``) layout;
 * exported folders (``config.json`` + ``model.safetensors``) written by :func:`export_backbone`;
 * our Lightning checkpoints: ``state_dict`` keys ``target_encoder.*`` / ``context_encoder.*`` (pretraining) or
@@ -21,11 +21,11 @@ native stacked layout).
 from __future__ import annotations
 
 import fnmatch
-import zipfile
 import json
 import pickle
 import re
 import warnings
+import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,7 +120,9 @@ def reference_to_native(state_dict: Mapping[str, Tensor]) -> StateDict:
         expected = range(max(layers[prefix]) + 1)
         missing = [f"{prefix}experts.{e}.{fc}.{kind}" for e in expected if e not in experts]
         if missing:
-            raise ValueError(f"Missing routed-expert tensors (expected experts 0..{len(expected) - 1}): {missing[:_MAX_NAMED]}")
+            raise ValueError(
+                f"Missing routed-expert tensors (expected experts 0..{len(expected) - 1}): {missing[:_MAX_NAMED]}"
+            )
         name = f"{prefix}experts.{fc}_{kind}"
         if name in native:
             raise ValueError(f"Both per-expert keys and the stacked key {name!r} are present; keep one layout.")
@@ -181,7 +183,9 @@ def _torch_load(path: Path, map_location: str | torch.device) -> Any:
 
 def _as_tensor_dict(obj: Any, where: str) -> StateDict:
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"Expected {where} to be a state dict (a mapping of names to tensors); found {type(obj).__name__}.")
+        raise ValueError(
+            f"Expected {where} to be a state dict (a mapping of names to tensors); found {type(obj).__name__}."
+        )
     return dict(obj)
 
 
@@ -233,12 +237,16 @@ def _kwargs_from_hparams(
         return None, None
     if isinstance(spec, str):
         if spec not in registry:
-            raise ValueError(f"hyper_parameters[{key!r}] = {spec!r} is not a registered name; expected one of {sorted(registry)}.")
+            raise ValueError(
+                f"hyper_parameters[{key!r}] = {spec!r} is not a registered name; expected one of {sorted(registry)}."
+            )
         config = encoder_config(spec, **overrides) if registry is ENCODERS else predictor_config(spec, **overrides)
         return spec, config
     if isinstance(spec, Mapping):
         return None, {**dict(spec), **overrides}
-    raise ValueError(f"Expected hyper_parameters[{key!r}] to be a registry name or a dict of kwargs; found {type(spec).__name__}.")
+    raise ValueError(
+        f"Expected hyper_parameters[{key!r}] to be a registry name or a dict of kwargs; found {type(spec).__name__}."
+    )
 
 
 def read_checkpoint(source: str | Path, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
@@ -378,7 +386,9 @@ def _resolve_kwargs(
 ) -> dict[str, Any]:
     if stored_kwargs is not None:
         if name is not None and stored_name is not None and name != stored_name:
-            raise ValueError(f"{description} was saved as {stored_name!r} but name={name!r} was passed; drop name= or fix it.")
+            raise ValueError(
+                f"{description} was saved as {stored_name!r} but name={name!r} was passed; drop name= or fix it."
+            )
         return {**stored_kwargs, **dict(overrides or {})}
     chosen = name if name is not None else infer_fn(state_dict)
     return config_fn(chosen, **dict(overrides or {}))
@@ -435,7 +445,9 @@ def load_state_dict_checked(
     model.load_state_dict(loadable, strict=False)
 
 
-def _instantiate(cls: type[nn.Module], kwargs: dict[str, Any], state_dict: StateDict, ignore_keys: Iterable[str]) -> nn.Module:
+def _instantiate(
+    cls: type[nn.Module], kwargs: dict[str, Any], state_dict: StateDict, ignore_keys: Iterable[str]
+) -> nn.Module:
     """Build ``cls(**kwargs)``; skip the (slow, about 8 s for the paper encoder) random init when every tensor will
     be overwritten by a correctly shaped checkpoint tensor, by building on the meta device and allocating empty."""
     with torch.device("meta"):
@@ -523,7 +535,9 @@ def load_predictor(
     ignore_keys = tuple(ignore_keys)
     checkpoint = read_checkpoint(source, map_location)
     if checkpoint.predictor is None:
-        raise ValueError(f"{checkpoint.description} holds no predictor weights (no 'predictor' dict or 'predictor.*' keys).")
+        raise ValueError(
+            f"{checkpoint.description} holds no predictor weights (no 'predictor' dict or 'predictor.*' keys)."
+        )
     state_dict = checkpoint.predictor
     kwargs = _resolve_kwargs(
         checkpoint.predictor_kwargs, None, name, overrides, state_dict,
@@ -557,7 +571,9 @@ def export_backbone(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state_dict = {k: v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
-    save_file(native_to_reference(state_dict), out / WEIGHTS_FILENAME, metadata={"format": "pt", "key_layout": "reference"})
+    save_file(
+        native_to_reference(state_dict), out / WEIGHTS_FILENAME, metadata={"format": "pt", "key_layout": "reference"}
+    )
     config = {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_FORMAT_VERSION,

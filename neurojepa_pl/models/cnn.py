@@ -21,7 +21,7 @@ classifier 525,826), i.e. 32,599,360 + 513 per extra output.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -58,8 +58,15 @@ class SimpleCNN3D(nn.Module):
     KERNELS = (1, 3, 5, 3)
     DILATIONS = (1, 2, 2, 2)
 
-    def __init__(self, in_chans: int = 1, num_outputs: int = 2, widths: Sequence[int] = (32, 256, 512, 512),
-                 feat_dim: int = 1024, hidden_dim: int = 512, pool_grid: Sequence[int] = (2, 4, 2)):
+    def __init__(
+        self,
+        in_chans: int = 1,
+        num_outputs: int = 2,
+        widths: Sequence[int] = (32, 256, 512, 512),
+        feat_dim: int = 1024,
+        hidden_dim: int = 512,
+        pool_grid: Sequence[int] = (2, 4, 2),
+    ):
         super().__init__()
         widths = tuple(int(w) for w in widths)
         if len(widths) != 4:

@@ -1,4 +1,4 @@
-"""The five multimodal fusion heads of the paper (Appendix B.4; SPEC 8.6), over one shared backbone.
+"""The five multimodal fusion heads of the paper (Appendix B.4; docs/method.md §8.6), over one shared backbone.
 
 Every head takes the backbone's tokens of all M modalities of a sample and a validity mask:
 
@@ -40,7 +40,7 @@ class FusionHead(nn.Module):
 
     Args:
         embed_dim: backbone token width C.
-        num_classes: number of output classes (2 for binary, as SPEC 8.3: two logits).
+        num_classes: number of output classes (2 for binary, as docs/method.md §8.3: two logits).
         num_modalities: M, the number of modality slots in a sample.
     """
 
@@ -97,7 +97,7 @@ class LogitAveraging(FusionHead):
 
 
 class ProjectionHead(nn.Module):
-    """Residual projection of SPEC 8.6 ``vit_late``: p = Lin(x); out = Dropout(Lin(GELU(p))) + p. ``[.., C] -> [.., P]``."""
+    """Residual projection of docs/method.md §8.6 ``vit_late``: p = Lin(x); out = Dropout(Lin(GELU(p))) + p. ``[.., C] -> [.., P]``."""
 
     def __init__(self, in_dim: int, proj_dim: int, dropout: float = 0.1) -> None:
         super().__init__()
@@ -157,7 +157,7 @@ class GatedCrossAttentionFusion(FusionHead):
 
     ``gate="sigmoid"`` (default) makes g a dimension-wise interpolation coefficient in (0, 1), as the paper describes;
     the reference code uses tanh (g in (-1, 1), extrapolating rather than interpolating) — ``gate="tanh"`` reproduces it
-    for parity (SPEC 8.6 [PAPER≠CODE]).
+    for parity (docs/method.md §8.6 [PAPER≠CODE]).
 
     Missing modalities (deliberate fix; the reference only zeroes their features): the cross-attention term from a
     missing modality is dropped and the gate is forced to select the valid modality (g = 1 if only modality 1 is valid,

@@ -1,12 +1,12 @@
 """Downstream heads that turn encoder tokens ``[B, N, C]`` into task outputs ``[B, K]``.
 
-* :class:`AttentiveClassifier` is the V-JEPA-style attentive probe of SPEC 8.2: ``depth - 1`` plain self-attention
+* :class:`AttentiveClassifier` is the V-JEPA-style attentive probe of docs/method.md §8.2: ``depth - 1`` plain self-attention
   blocks, then one cross-attention block whose single learnable query attends over the tokens, then a linear layer.
-* :class:`LinearProbe` is a linear layer on mean-pooled tokens (SPEC 8.2 "Linear pooler"; the multimodal ``vit_avg``
+* :class:`LinearProbe` is a linear layer on mean-pooled tokens (docs/method.md §8.2 "Linear pooler"; the multimodal ``vit_avg``
   path uses the same recipe).
 
 Both accept an optional boolean ``key_mask`` ``[B, N]`` (``True`` = a real token to attend to / average over), for
-bags with padded tokens (SPEC 8.2: supported, never passed by the reference).
+bags with padded tokens (docs/method.md §8.2: supported, never passed by the reference).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _attention_mask(key_mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class _MLP(nn.Module):
-    """Linear -> GELU -> Linear, named ``fc1``/``fc2`` so the fc2 rescale of SPEC 8.2 can address it."""
+    """Linear -> GELU -> Linear, named ``fc1``/``fc2`` so the fc2 rescale of docs/method.md §8.2 can address it."""
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
@@ -48,7 +48,7 @@ class _MLP(nn.Module):
 
 
 class _SelfAttention(nn.Module):
-    """Multi-head self-attention with a qkv bias and an output projection; no RoPE, no gate (SPEC 8.2)."""
+    """Multi-head self-attention with a qkv bias and an output projection; no RoPE, no gate (docs/method.md §8.2)."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -66,7 +66,7 @@ class _SelfAttention(nn.Module):
 
 
 class _Block(nn.Module):
-    """Pre-LN transformer block: x + Attn(LN(x)); x + MLP(LN(x)). LayerNorm eps is PyTorch's 1e-5 (SPEC 8.2)."""
+    """Pre-LN transformer block: x + Attn(LN(x)); x + MLP(LN(x)). LayerNorm eps is PyTorch's 1e-5 (docs/method.md §8.2)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
@@ -81,7 +81,7 @@ class _Block(nn.Module):
 
 
 class _CrossAttention(nn.Module):
-    """Queries attend over tokens; Linear q, Linear kv (bias), SDPA and deliberately no output projection (SPEC 8.2)."""
+    """Queries attend over tokens; Linear q, Linear kv (bias), SDPA and deliberately no output projection (docs/method.md §8.2)."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -117,7 +117,7 @@ class _CrossAttentionBlock(nn.Module):
 
 
 class AttentivePooler(nn.Module):
-    """Attentive pooling of tokens into one vector per sample (SPEC 8.2, steps 1-2).
+    """Attentive pooling of tokens into one vector per sample (docs/method.md §8.2, steps 1-2).
 
     Args:
         embed_dim: token width C.
@@ -127,8 +127,9 @@ class AttentivePooler(nn.Module):
         init_std: std of the truncated-normal init of the query and all Linear weights.
     """
 
-    def __init__(self, embed_dim: int = 768, num_heads: int = 16, depth: int = 1, mlp_ratio: float = 4.0,
-                 init_std: float = 0.02):
+    def __init__(
+        self, embed_dim: int = 768, num_heads: int = 16, depth: int = 1, mlp_ratio: float = 4.0, init_std: float = 0.02
+    ):
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be >= 1 (the cross-attention block counts as one); got {depth}.")
@@ -152,7 +153,7 @@ class AttentivePooler(nn.Module):
     @torch.no_grad()
     def _rescale_residual_branches(self) -> None:
         # Residual branch outputs shrink with depth (divide by sqrt(2 * layer_id)) so deep stacks start near identity.
-        # The cross block reuses "last block index + 1" (1 when there is no self-attention block), as SPEC 8.2 states.
+        # The cross block reuses "last block index + 1" (1 when there is no self-attention block), as docs/method.md §8.2 states.
         last = 0
         for last, block in enumerate(self.blocks):
             block.attn.proj.weight.div_(math.sqrt(2.0 * (last + 1)))
@@ -177,7 +178,7 @@ class AttentivePooler(nn.Module):
 
 
 class AttentiveClassifier(nn.Module):
-    """Attentive probe: :class:`AttentivePooler` then ``Linear(embed_dim, num_classes)`` (SPEC 8.2).
+    """Attentive probe: :class:`AttentivePooler` then ``Linear(embed_dim, num_classes)`` (docs/method.md §8.2).
 
     Args:
         embed_dim: token width C (768 for ViT-B).
@@ -189,8 +190,15 @@ class AttentiveClassifier(nn.Module):
         init_std: truncated-normal std for the query and Linear weights.
     """
 
-    def __init__(self, embed_dim: int = 768, num_classes: int = 2, depth: int = 3, num_heads: int = 16,
-                 mlp_ratio: float = 4.0, init_std: float = 0.02):
+    def __init__(
+        self,
+        embed_dim: int = 768,
+        num_classes: int = 2,
+        depth: int = 3,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        init_std: float = 0.02,
+    ):
         super().__init__()
         self.pooler = AttentivePooler(embed_dim, num_heads, depth, mlp_ratio, init_std)
         self.linear = nn.Linear(embed_dim, num_classes)

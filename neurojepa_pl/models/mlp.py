@@ -1,4 +1,4 @@
-"""Two-layer GELU feed-forward (SPEC 2.3), used as the dense block MLP and as the MoE shared expert."""
+"""Two-layer GELU feed-forward (docs/method.md §2.3), used as the dense block MLP and as the MoE shared expert."""
 
 from __future__ import annotations
 

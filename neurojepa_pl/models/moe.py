@@ -1,4 +1,4 @@
-"""Mixture-of-Experts feed-forward with aux-loss-free bias balancing (SPEC 3).
+"""Mixture-of-Experts feed-forward with aux-loss-free bias balancing (docs/method.md §3).
 
 Per token ``x`` (flattened to ``[T, C]``):
 
@@ -62,7 +62,7 @@ DDP_IGNORED_BUFFERS: tuple[str, ...] = ("counts",)
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """Sizes of one MoE feed-forward layer (paper defaults, SPEC 3.1).
+    """Sizes of one MoE feed-forward layer (paper defaults, docs/method.md §3.1).
 
     Attributes:
         num_experts: routed experts E.
@@ -97,7 +97,9 @@ class MoEConfig:
         if isinstance(value, Mapping):
             unknown = set(value) - {f.name for f in dataclasses.fields(cls)}
             if unknown:
-                raise ValueError(f"Unknown MoEConfig keys {sorted(unknown)}; expected a subset of {cls.__annotations__}.")
+                raise ValueError(
+                    f"Unknown MoEConfig keys {sorted(unknown)}; expected a subset of {cls.__annotations__}."
+                )
             return cls(**value)
         raise TypeError(f"Expected a MoEConfig or a dict of its fields; found {type(value).__name__}.")
 
@@ -404,7 +406,7 @@ def ddp_ignored_buffer_names(model: nn.Module) -> list[str]:
 def balance_bias_update(
     bias: Tensor, counts: Tensor, rate: float, proportional: bool, clip: float = 0.3
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One aux-loss-free balancing step for one MoE layer (SPEC 3.3 steps 2-6 and 8).
+    """One aux-loss-free balancing step for one MoE layer (docs/method.md §3.3 steps 2-6 and 8).
 
     With ``c`` the (all-reduced) counts and ``c_bar = mean(c)``: ``err = c_bar - c``; ``u = err / (c_bar + 1e-6)``
     if ``proportional`` (pretraining) else ``sign(err)`` (fine-tuning); ``u -= mean(u)``; ``b = bias + rate * u``;
@@ -423,7 +425,9 @@ def balance_bias_update(
         ``min(c)/c_bar`` and ``max(c)/c_bar``.
     """
     if bias.shape != counts.shape or bias.dim() != 1:
-        raise ValueError(f"Expected bias and counts of the same shape [E]; found {tuple(bias.shape)} and {tuple(counts.shape)}.")
+        raise ValueError(
+            f"Expected bias and counts of the same shape [E]; found {tuple(bias.shape)} and {tuple(counts.shape)}."
+        )
     bias = bias.float()
     c = counts.to(device=bias.device, dtype=torch.float32)
     c_bar = c.mean()

@@ -1,4 +1,4 @@
-"""JEPA predictor (SPEC 4): predicts target-token features from context features plus mask tokens."""
+"""JEPA predictor (docs/method.md §4): predicts target-token features from context features plus mask tokens."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class Predictor3D(nn.Module):
     """Narrow transformer over [context; mask tokens], sorted by token id (RoPE positions = sorted ids).
 
     Reference names: ``predictor_embed``, ``mask_tokens.{j}`` (``[1, 1, D]``, zero-init), ``predictor_blocks.{i}``,
-    ``predictor_norm``, ``predictor_proj``. The reference only ever uses mask token 0 (SPEC 4); the others are kept
+    ``predictor_norm``, ``predictor_proj``. The reference only ever uses mask token 0 (docs/method.md §4); the others are kept
     for weight compatibility.
 
     Args:
@@ -32,7 +32,7 @@ class Predictor3D(nn.Module):
         patch_size: encoder patch size.
         num_mask_tokens: learnable mask tokens.
         attn_gate: per-head sigmoid attention output gate.
-        rope_layout: ``"reference"`` (the reference predictor's cubic-grid decomposition, SPEC 2.2) or ``"grid"``.
+        rope_layout: ``"reference"`` (the reference predictor's cubic-grid decomposition, docs/method.md §2.2) or ``"grid"``.
         rope_dtype: ``"float32"`` or ``"activation"``.
         use_activation_checkpointing: non-reentrant checkpoint per block while grad is enabled.
     """

@@ -1,4 +1,4 @@
-"""3D rotary position embedding (SPEC 2.2) with the reference's position layouts.
+"""3D rotary position embedding (docs/method.md §2.2) with the reference's position layouts.
 
 Tokens are numbered in C order on the patch grid ``(g0, g1, g2)``: ``id = g1*g2*i0 + g2*i1 + i2``. RoPE needs one
 position per axis. Three layouts map an id to ``(d, h, w)``:

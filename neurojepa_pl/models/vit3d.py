@@ -1,4 +1,4 @@
-"""3D Vision Transformer encoder of Neuro-JEPA (SPEC 2): Conv3d patches, RoPE, gated attention, optional MoE.
+"""3D Vision Transformer encoder of Neuro-JEPA (docs/method.md §2): Conv3d patches, RoPE, gated attention, optional MoE.
 
 No cls token and no absolute position embedding: positions enter only through 3D RoPE on the token ids, so a
 masked forward (kept ids only) is the same network as a full one.
@@ -77,7 +77,7 @@ class VisionTransformer3D(nn.Module):
         moe: MoE sizes (a :class:`MoEConfig` or a dict of its fields); defaults to the paper's when
             ``moe_block_indices`` is non-empty.
         attn_gate: per-head sigmoid attention output gate (present in the released weights).
-        rope_layout: ``"reference"`` (the released weights' position decomposition, SPEC 2.2) or ``"grid"``.
+        rope_layout: ``"reference"`` (the released weights' position decomposition, docs/method.md §2.2) or ``"grid"``.
         rope_dtype: ``"float32"`` (default) or ``"activation"`` (the reference: angles in the autocast dtype).
         use_activation_checkpointing: non-reentrant checkpoint per block while grad is enabled.
         moe_dispatch: ``"grouped"`` or ``"loop"``.
@@ -205,7 +205,10 @@ class VisionTransformer3D(nn.Module):
         return [taken[i] for i in resolved]
 
     def _embed(self, x: Tensor, masks: Tensor | Sequence[Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
-        expected = (self.patch_embed.proj.in_channels, *(g * p for g, p in zip(self.grid_size, self.patch_embed.proj.kernel_size)))
+        expected = (
+            self.patch_embed.proj.in_channels,
+            *(g * p for g, p in zip(self.grid_size, self.patch_embed.proj.kernel_size)),
+        )
         if x.dim() != 5 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"Expected input [B, {', '.join(map(str, expected))}]; found {list(x.shape)}.")
         tokens = self.patch_embed(x)

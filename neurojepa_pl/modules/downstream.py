@@ -1,14 +1,14 @@
-"""Downstream LightningModules: classification, regression and time-to-event fine-tuning / probing (SPEC 8.1-8.5).
+"""Downstream LightningModules: classification, regression and time-to-event fine-tuning / probing (docs/method.md §8.1-8.5).
 
 One base class, :class:`DownstreamModule`, owns the backbone + head, freezing, the optimizer and schedules, the MoE
 bias update, the collection of evaluation predictions across ranks, and the test-time report (``metrics.json`` with
 bootstrap CIs, ``predictions.csv``, figures, TensorBoard). The task classes only choose the outputs, the loss and the
 prediction arrays:
 
-* :class:`ClassificationModule`: binary (2 logits + cross-entropy, SPEC 8.3), multiclass (CE), multilabel (BCE over
+* :class:`ClassificationModule`: binary (2 logits + cross-entropy, docs/method.md §8.3), multiclass (CE), multilabel (BCE over
   observed labels, ``label_mask``);
 * :class:`RegressionModule`: MSE on standardised targets (train mean/std), reported in target units;
-* :class:`SurvivalModule`: Cox partial likelihood with risk sets gathered across ranks (SPEC 8.5 fixed).
+* :class:`SurvivalModule`: Cox partial likelihood with risk sets gathered across ranks (docs/method.md §8.5 fixed).
 
 Backbone regimes (``finetune``): ``"full"`` trains backbone and head (the reference's default), ``"probe"`` trains an
 attentive head on a frozen backbone, ``"frozen"`` a linear head on a frozen backbone. A frozen backbone is kept in
@@ -17,10 +17,10 @@ eval mode and run under ``no_grad``. ``head="cnn"`` replaces backbone + head by 
 Validation logs ``val/selection`` (higher is better: 0.5·AUROC + 0.5·AP, −MAE, C-index) for
 ``ModelCheckpoint(monitor="val/selection", mode="max")``. All evaluation metrics use the predictions of every rank.
 
-Deliberate differences from the reference: regression targets are standardised (SPEC 8.4 computes the statistics,
+Deliberate differences from the reference: regression targets are standardised (docs/method.md §8.4 computes the statistics,
 then trains on raw years; ``standardize_targets=False`` restores that); Cox risk sets and the C-index span all ranks;
 MoE routing counts are reset at the start of every training epoch so evaluation forwards can never leak into a bias
-update (SPEC 3.4 [BUG]); layer-wise lr decay is available (off by default).
+update (docs/method.md §3.4 [BUG]); layer-wise lr decay is available (off by default).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class DownstreamModule(LightningModule):
         checkpoint_which: ``"target"`` (EMA encoder, default) or ``"context"`` for checkpoints holding both.
         backbone_kwargs: encoder constructor overrides (``img_size``, ``patch_size``,
             ``use_activation_checkpointing``, ...).
-        head: ``"attentive"`` (SPEC 8.2), ``"linear"`` (mean-pooled tokens) or ``"cnn"`` (from-scratch baseline).
+        head: ``"attentive"`` (docs/method.md §8.2), ``"linear"`` (mean-pooled tokens) or ``"cnn"`` (from-scratch baseline).
         head_depth: attentive head blocks including the cross-attention block.
         head_heads: attentive head attention heads.
         finetune: ``"full"``, ``"probe"`` (frozen backbone, attentive head) or ``"frozen"`` (frozen backbone, linear
@@ -141,30 +141,47 @@ class DownstreamModule(LightningModule):
         if finetune not in FINETUNE_MODES:
             raise ValueError(f"finetune must be one of {FINETUNE_MODES}; got {finetune!r}.")
         if head == "cnn" and (finetune != "full" or checkpoint is not None or layer_decay is not None):
-            raise ValueError("head='cnn' is the from-scratch CNN baseline: it needs finetune='full', checkpoint=null "
-                             "and layer_decay=null.")
+            raise ValueError(
+                "head='cnn' is the from-scratch CNN baseline: it needs finetune='full', checkpoint=null "
+                "and layer_decay=null."
+            )
         if finetune == "probe" and head != "attentive":
-            raise ValueError("finetune='probe' trains an attentive head on a frozen backbone; set head: attentive, "
-                             "or finetune: frozen for a linear head.")
+            raise ValueError(
+                "finetune='probe' trains an attentive head on a frozen backbone; set head: attentive, "
+                "or finetune: frozen for a linear head."
+            )
         if finetune == "frozen" and head != "linear":
-            raise ValueError("finetune='frozen' means a linear head on a frozen backbone; set head: linear, or "
-                             "finetune: probe for an attentive head on a frozen backbone.")
+            raise ValueError(
+                "finetune='frozen' means a linear head on a frozen backbone; set head: linear, or "
+                "finetune: probe for an attentive head on a frozen backbone."
+            )
         self.backbone_frozen = finetune in ("probe", "frozen")
         if moe_bias_update_rate and self.backbone_frozen:
-            raise ValueError(f"moe_bias_update_rate={moe_bias_update_rate} would change a frozen backbone "
-                             f"(finetune={finetune!r}); set it to 0.0 or use finetune: full.")
+            raise ValueError(
+                f"moe_bias_update_rate={moe_bias_update_rate} would change a frozen backbone "
+                f"(finetune={finetune!r}); set it to 0.0 or use finetune: full."
+            )
         if layer_decay is not None and self.backbone_frozen:
-            raise ValueError(f"layer_decay scales the lr of a trained backbone, but finetune={finetune!r} freezes it; "
-                             "set layer_decay: null or finetune: full.")
+            raise ValueError(
+                f"layer_decay scales the lr of a trained backbone, but finetune={finetune!r} freezes it; "
+                "set layer_decay: null or finetune: full."
+            )
         if checkpoint_which not in ("target", "context"):
             raise ValueError(f"checkpoint_which must be 'target' or 'context'; got {checkpoint_which!r}.")
         self.task = task
         self.num_outputs = int(num_outputs)
         self.head_kind = head
         self.lr = float(lr)
-        self._settings = dict(start_lr=start_lr, final_lr=final_lr, head_lr_scale=head_lr_scale,
-                              weight_decay=weight_decay, final_weight_decay=final_weight_decay,
-                              layer_decay=layer_decay, warmup_epochs=warmup_epochs, max_epochs=max_epochs)
+        self._settings = dict(
+            start_lr=start_lr,
+            final_lr=final_lr,
+            head_lr_scale=head_lr_scale,
+            weight_decay=weight_decay,
+            final_weight_decay=final_weight_decay,
+            layer_decay=layer_decay,
+            warmup_epochs=warmup_epochs,
+            max_epochs=max_epochs,
+        )
         self.moe_bias_update_rate = float(moe_bias_update_rate)
         self.moe_bias_clip = float(moe_bias_clip)
         self.n_bootstrap = int(n_bootstrap)
@@ -180,8 +197,9 @@ class DownstreamModule(LightningModule):
             self.head = SimpleCNN3D(in_chans=1, num_outputs=self.num_outputs, **(cnn_kwargs or {}))
         else:
             if checkpoint is not None:
-                self.backbone = load_backbone(checkpoint, strict=True, which=checkpoint_which, name=backbone,
-                                              overrides=backbone_kwargs)
+                self.backbone = load_backbone(
+                    checkpoint, strict=True, which=checkpoint_which, name=backbone, overrides=backbone_kwargs
+                )
             else:
                 self.backbone = build_encoder(backbone, **(backbone_kwargs or {}))
             embed_dim = int(self.backbone.embed_dim)
@@ -194,7 +212,8 @@ class DownstreamModule(LightningModule):
                 self.backbone.eval()
             # MoE routing counts differ per rank and are all-reduced at the bias update: DDP must not broadcast them.
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                self, [f"backbone.{name}" for name in ddp_ignored_buffer_names(self.backbone)])
+                self, [f"backbone.{name}" for name in ddp_ignored_buffer_names(self.backbone)]
+            )
         self.schedule: DownstreamSchedule | None = None
         self._stores = {"val": PredictionStore(), "test": PredictionStore()}
         self.test_results: dict[str, tuple[float, float, float]] | None = None
@@ -254,12 +273,16 @@ class DownstreamModule(LightningModule):
             return
         dm_task = getattr(datamodule, "task", None)
         if dm_task is not None and dm_task != self.task:
-            raise ValueError(f"the model's task is {self.task!r} but the data module serves {dm_task!r}; set the "
-                             "same task in model.init_args and data.init_args.")
+            raise ValueError(
+                f"the model's task is {self.task!r} but the data module serves {dm_task!r}; set the "
+                "same task in model.init_args and data.init_args."
+            )
         dm_outputs = getattr(datamodule, "num_classes", None)
         if isinstance(dm_outputs, int) and dm_outputs != self.num_outputs:
-            raise ValueError(f"the data module needs {dm_outputs} model outputs for task {self.task!r} but the "
-                             f"model has {self.num_outputs}; fix model.init_args.num_classes.")
+            raise ValueError(
+                f"the data module needs {dm_outputs} model outputs for task {self.task!r} but the "
+                f"model has {self.num_outputs}; fix model.init_args.num_classes."
+            )
         if self.class_names is None and self.task == "multilabel" and getattr(datamodule, "label_columns", None):
             self.class_names = list(datamodule.label_columns)
 
@@ -280,9 +303,15 @@ class DownstreamModule(LightningModule):
         per_epoch, total = self._schedule_steps()
         wd = float(s["weight_decay"])
         final_wd = wd if s["final_weight_decay"] is None else float(s["final_weight_decay"])
-        self.schedule = DownstreamSchedule(lr=self.lr, start_lr=float(s["start_lr"]), final_lr=float(s["final_lr"]),
-                                           warmup_steps=int(round(s["warmup_epochs"] * per_epoch)),
-                                           total_steps=total, weight_decay=wd, final_weight_decay=final_wd)
+        self.schedule = DownstreamSchedule(
+            lr=self.lr,
+            start_lr=float(s["start_lr"]),
+            final_lr=float(s["final_lr"]),
+            warmup_steps=int(round(s["warmup_epochs"] * per_epoch)),
+            total_steps=total,
+            weight_decay=wd,
+            final_weight_decay=final_wd,
+        )
         for group in groups:
             group["lr"] = self.lr * group["lr_scale"]
             group["weight_decay"] = wd * group["wd_scale"]
@@ -309,7 +338,7 @@ class DownstreamModule(LightningModule):
         return list(self.backbone.moe_layers())
 
     def on_train_epoch_start(self) -> None:
-        # Only training forwards of this epoch may feed the next bias update (SPEC 3.4 [BUG] fixed).
+        # Only training forwards of this epoch may feed the next bias update (docs/method.md §3.4 [BUG] fixed).
         for layer in self.moe_layers():
             layer.counts.zero_()
 
@@ -331,8 +360,9 @@ class DownstreamModule(LightningModule):
             dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         min_vio, max_vio = [], []
         for layer, layer_counts in zip(layers, counts):
-            new_bias, lo, hi = balance_bias_update(layer.gate.bias, layer_counts, self.moe_bias_update_rate,
-                                                   proportional=False, clip=self.moe_bias_clip)
+            new_bias, lo, hi = balance_bias_update(
+                layer.gate.bias, layer_counts, self.moe_bias_update_rate, proportional=False, clip=self.moe_bias_clip
+            )
             layer.gate.bias.copy_(new_bias)
             layer.counts.zero_()
             min_vio.append(lo)
@@ -362,8 +392,10 @@ class DownstreamModule(LightningModule):
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """``{"embedding": [B, C], "prediction": [B, ...], **metadata}`` on CPU (see :meth:`prediction_tensor`)."""
         outputs, embedding = self.forward_with_embedding(batch["image"])
-        result = {"embedding": embedding.detach().float().cpu(),
-                  "prediction": self.prediction_tensor(outputs).detach().float().cpu()}
+        result = {
+            "embedding": embedding.detach().float().cpu(),
+            "prediction": self.prediction_tensor(outputs).detach().float().cpu(),
+        }
         result.update({k: list(batch[k]) for k in PREDICT_METADATA_KEYS if k in batch})
         return result
 
@@ -404,14 +436,22 @@ class DownstreamModule(LightningModule):
 
     def _write_test_report(self, arrays: dict[str, np.ndarray], metadata: dict[str, list]) -> dict:
         out = self.resolve_output_dir()
-        results = bootstrap_task_metrics(self.task, arrays, n_boot=self.n_bootstrap, alpha=self.ci_alpha,
-                                         seed=self.bootstrap_seed, class_names=self.class_names)
+        results = bootstrap_task_metrics(
+            self.task,
+            arrays,
+            n_boot=self.n_bootstrap,
+            alpha=self.ci_alpha,
+            seed=self.bootstrap_seed,
+            class_names=self.class_names,
+        )
         datamodule = getattr(self.trainer, "datamodule", None)
         dm_hparams = getattr(datamodule, "hparams", {}) or {}
         extra = {
             "backbone": self.backbone_name if self.backbone is not None else "cnn",
             "head": self.head_kind,
-            "finetune": "full" if not self.backbone_frozen else ("probe" if self.head_kind == "attentive" else "frozen"),
+            "finetune": "full"
+            if not self.backbone_frozen
+            else ("probe" if self.head_kind == "attentive" else "frozen"),
             "pretrained_checkpoint": self.checkpoint_path,
             "evaluated_checkpoint": self.trainer.ckpt_path,
             "class_names": self.class_names,
@@ -419,8 +459,15 @@ class DownstreamModule(LightningModule):
             "few_shot_seed": dm_hparams.get("few_shot_seed") if dm_hparams.get("k_shot") is not None else None,
             "manifest": dm_hparams.get("manifest"),
         }
-        write_metrics_json(out / "metrics.json", results, n=len(next(iter(arrays.values()))), task=self.task,
-                           n_bootstrap=self.n_bootstrap, ci_level=1.0 - self.ci_alpha, extra=extra)
+        write_metrics_json(
+            out / "metrics.json",
+            results,
+            n=len(next(iter(arrays.values()))),
+            task=self.task,
+            n_bootstrap=self.n_bootstrap,
+            ci_level=1.0 - self.ci_alpha,
+            extra=extra,
+        )
         write_predictions(out / "predictions.csv", self.task, arrays, metadata, self._table_class_names())
         figures = task_figures(self.task, arrays, self.class_names, self.report_unit())
         save_figures(figures, out / "figures")
@@ -433,7 +480,7 @@ class DownstreamModule(LightningModule):
 
 
 class ClassificationModule(DownstreamModule):
-    """Binary, multiclass or multilabel classification (SPEC 8.3, 8.7).
+    """Binary, multiclass or multilabel classification (docs/method.md §8.3, 8.7).
 
     Args:
         task: ``"binary"`` (2 logits, cross-entropy, softmax, P(class 1) for metrics), ``"multiclass"`` (CE) or
@@ -446,7 +493,7 @@ class ClassificationModule(DownstreamModule):
         if task not in CLASSIFICATION_TASKS:
             raise ValueError(f"ClassificationModule task must be one of {CLASSIFICATION_TASKS}; got {task!r}.")
         if task == "binary" and num_classes != 2:
-            raise ValueError(f"binary classification uses 2 logits (SPEC 8.3); set num_classes: 2 (got {num_classes}).")
+            raise ValueError(f"binary classification uses 2 logits (docs/method.md §8.3); set num_classes: 2 (got {num_classes}).")
         if num_classes < 1 or (task == "multiclass" and num_classes < 2):
             raise ValueError(f"num_classes={num_classes} is not valid for task {task!r}.")
         super().__init__(task=task, num_outputs=num_classes, **kwargs)
@@ -478,7 +525,7 @@ class ClassificationModule(DownstreamModule):
 
 
 class RegressionModule(DownstreamModule):
-    """Scalar regression, e.g. brain age (SPEC 8.4): MSE on standardised targets, metrics in target units.
+    """Scalar regression, e.g. brain age (docs/method.md §8.4): MSE on standardised targets, metrics in target units.
 
     Args:
         standardize_targets: train on ``(y - mean) / std`` with the training split's mean and std (default). False
@@ -489,8 +536,14 @@ class RegressionModule(DownstreamModule):
         **kwargs: :class:`DownstreamModule` arguments.
     """
 
-    def __init__(self, standardize_targets: bool = True, target_mean: float | None = None,
-                 target_std: float | None = None, target_unit: str = "years", **kwargs: Any):
+    def __init__(
+        self,
+        standardize_targets: bool = True,
+        target_mean: float | None = None,
+        target_std: float | None = None,
+        target_unit: str = "years",
+        **kwargs: Any,
+    ):
         super().__init__(task="regression", num_outputs=1, **kwargs)
         self.save_hyperparameters()
         self.standardize_targets = bool(standardize_targets)
@@ -518,21 +571,27 @@ class RegressionModule(DownstreamModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         datasets = getattr(datamodule, "datasets", None)
         if not datasets or "train" not in datasets:
-            raise RuntimeError("RegressionModule needs the training targets to standardise them, but the data module "
-                               "exposes no datasets['train']; set model.init_args.target_mean and target_std.")
+            raise RuntimeError(
+                "RegressionModule needs the training targets to standardise them, but the data module "
+                "exposes no datasets['train']; set model.init_args.target_mean and target_std."
+            )
         values = np.array([float(r["label"]) for r in datasets["train"].records], dtype=np.float64)
         std = float(values.std(ddof=1)) if values.size > 1 else 0.0
         if not np.isfinite(values).all() or std <= 0:
-            raise ValueError(f"cannot standardise {values.size} training targets (std {std}); set target_mean and "
-                             "target_std explicitly or standardize_targets: false.")
+            raise ValueError(
+                f"cannot standardise {values.size} training targets (std {std}); set target_mean and "
+                "target_std explicitly or standardize_targets: false."
+            )
         self.target_mean.fill_(float(values.mean()))
         self.target_std.fill_(std)
         log.info("regression targets standardised with train mean %.4g and std %.4g", values.mean(), std)
 
     def _check_statistics(self) -> None:
         if torch.isnan(self.target_mean) or torch.isnan(self.target_std):
-            raise RuntimeError("RegressionModule has no target statistics: fit it first (they are saved in its "
-                               "checkpoint: pass --ckpt_path) or set target_mean and target_std.")
+            raise RuntimeError(
+                "RegressionModule has no target statistics: fit it first (they are saved in its "
+                "checkpoint: pass --ckpt_path) or set target_mean and target_std."
+            )
 
     def to_target_units(self, outputs: torch.Tensor) -> torch.Tensor:
         """Head outputs ``[B, 1]`` -> predictions ``[B]`` in target units."""
@@ -552,19 +611,25 @@ class RegressionModule(DownstreamModule):
 
 
 class SurvivalModule(DownstreamModule):
-    """Time-to-event with a Cox head (SPEC 8.5): the head outputs the log-risk; loss = Cox partial likelihood over
+    """Time-to-event with a Cox head (docs/method.md §8.5): the head outputs the log-risk; loss = Cox partial likelihood over
     the batch gathered from all ranks; metric = Harrell's C-index over all ranks' predictions.
 
     Args:
         cox_ties: ``"breslow"`` or ``"efron"``.
         cox_l2: weight of ``mean(h^2)`` (the reference's ``l2_lambda``; its code default is 1e-3).
-        head_depth: attentive head depth (SPEC 8.5: 1).
+        head_depth: attentive head depth (docs/method.md §8.5: 1).
         time_unit: unit shown on Kaplan-Meier figures.
         **kwargs: :class:`DownstreamModule` arguments.
     """
 
-    def __init__(self, cox_ties: str = "breslow", cox_l2: float = 0.0, head_depth: int = 1,
-                 time_unit: str = "days", **kwargs: Any):
+    def __init__(
+        self,
+        cox_ties: str = "breslow",
+        cox_l2: float = 0.0,
+        head_depth: int = 1,
+        time_unit: str = "days",
+        **kwargs: Any,
+    ):
         if cox_ties not in ("breslow", "efron"):
             raise ValueError(f"cox_ties must be 'breslow' or 'efron'; got {cox_ties!r}.")
         super().__init__(task="survival", num_outputs=1, head_depth=head_depth, **kwargs)
@@ -577,8 +642,9 @@ class SurvivalModule(DownstreamModule):
         return self.time_unit
 
     def compute_loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
-        log_risk, time, event = gather_survival_batch(outputs.squeeze(-1).float(), batch["time"].float(),
-                                                      batch["event"].long())
+        log_risk, time, event = gather_survival_batch(
+            outputs.squeeze(-1).float(), batch["time"].float(), batch["event"].long()
+        )
         return cox_ph_loss(log_risk, time, event, ties=self.cox_ties, l2=self.cox_l2)
 
     def prediction_tensor(self, outputs: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Optimizer pieces of downstream fine-tuning (SPEC 8.1): AdamW parameter groups and the warmup-cosine schedules.
+"""Optimizer pieces of downstream fine-tuning (docs/method.md §8.1): AdamW parameter groups and the warmup-cosine schedules.
 
 * Groups: backbone / head x decay / no-decay (the reference's 4 groups), the head groups' lr multiplied by
   ``head_lr_scale``; with ``layer_decay`` the backbone groups are further split per transformer depth with lr scale
@@ -41,8 +41,9 @@ def _no_decay(name: str, param: nn.Parameter, explicit: set[str]) -> bool:
     return name in explicit or param.ndim <= 1 or name.endswith(".bias")
 
 
-def build_param_groups(backbone: nn.Module | None, head: nn.Module, head_lr_scale: float = 1.0,
-                       layer_decay: float | None = None) -> list[dict]:
+def build_param_groups(
+    backbone: nn.Module | None, head: nn.Module, head_lr_scale: float = 1.0, layer_decay: float | None = None
+) -> list[dict]:
     """AdamW parameter groups with ``lr_scale`` / ``wd_scale`` entries (applied by :class:`DownstreamSchedule`).
 
     Only parameters with ``requires_grad`` are included (a frozen backbone contributes nothing).
@@ -59,8 +60,9 @@ def build_param_groups(backbone: nn.Module | None, head: nn.Module, head_lr_scal
     groups: dict[tuple, dict] = {}
 
     def add(key: tuple, name: str, param: nn.Parameter, lr_scale: float, decay: bool) -> None:
-        group = groups.setdefault(key, {"params": [], "name": name, "lr_scale": lr_scale,
-                                        "wd_scale": 1.0 if decay else 0.0})
+        group = groups.setdefault(
+            key, {"params": [], "name": name, "lr_scale": lr_scale, "wd_scale": 1.0 if decay else 0.0}
+        )
         group["params"].append(param)
 
     if backbone is not None:
@@ -77,8 +79,13 @@ def build_param_groups(backbone: nn.Module | None, head: nn.Module, head_lr_scal
             else:
                 layer = backbone_layer_id(name, num_blocks)
                 scale = float(layer_decay) ** (num_blocks + 1 - layer)
-                add(("backbone", layer, decay), f"backbone/layer{layer}/{'decay' if decay else 'no_decay'}", param,
-                    scale, decay)
+                add(
+                    ("backbone", layer, decay),
+                    f"backbone/layer{layer}/{'decay' if decay else 'no_decay'}",
+                    param,
+                    scale,
+                    decay,
+                )
     for name, param in head.named_parameters():
         if not param.requires_grad:
             continue
@@ -120,9 +127,16 @@ class DownstreamSchedule:
     def lr_at(self, update: int) -> float:
         """Learning rate of the ``update``-th optimizer update (1-based)."""
         warmup = min(self.warmup_steps, self.total_steps)
-        return lr_at(update, lr_start=self.start_lr, lr_peak=self.lr, lr_final=self.final_lr, warmup_steps=warmup,
-                     total_steps=self.total_steps, cooldown_steps=self.total_steps - warmup,
-                     cooldown_shape="cosine")
+        return lr_at(
+            update,
+            lr_start=self.start_lr,
+            lr_peak=self.lr,
+            lr_final=self.final_lr,
+            warmup_steps=warmup,
+            total_steps=self.total_steps,
+            cooldown_steps=self.total_steps - warmup,
+            cooldown_shape="cosine",
+        )
 
     def lr_factor(self, update: int) -> float:
         """``lr_at(update) / lr``: the multiplier a ``LambdaLR`` applies to every group's base lr."""
@@ -130,8 +144,9 @@ class DownstreamSchedule:
 
     def weight_decay_at(self, update: int) -> float:
         """Weight decay of the ``update``-th optimizer update (1-based)."""
-        return weight_decay_at(update, start=self.weight_decay, end=self.final_weight_decay,
-                               total_steps=self.total_steps)
+        return weight_decay_at(
+            update, start=self.weight_decay, end=self.final_weight_decay, total_steps=self.total_steps
+        )
 
 
 def trainable_parameters(modules: Iterable[nn.Module]) -> int:

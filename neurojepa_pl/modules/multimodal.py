@@ -1,8 +1,8 @@
-"""Multimodal fusion fine-tuning (SPEC 8.6; paper Appendix B.4): one shared backbone, one of five fusion heads.
+"""Multimodal fusion fine-tuning (docs/method.md §8.6; paper Appendix B.4): one shared backbone, one of five fusion heads.
 
 :class:`MultimodalModule` is a :class:`neurojepa_pl.modules.downstream.ClassificationModule` whose head is a fusion
 head (:mod:`neurojepa_pl.models.fusion`) and whose batches come from
-:class:`data_modules.multimodal.MultimodalDataModule` (``images`` ``[B, M, 1, D, H, W]``, ``validity`` ``[B, M]``).
+:class:`neurojepa_pl.data_modules.multimodal.MultimodalDataModule` (``images`` ``[B, M, 1, D, H, W]``, ``validity`` ``[B, M]``).
 Everything else is inherited: backbone construction and loading, full / probe fine-tuning, the optimizer and its
 schedules, the MoE bias update, the evaluation metrics gathered over ranks, ``val/selection``, and the test report
 (``metrics.json`` with bootstrap CIs, ``predictions.csv``, figures).
@@ -64,15 +64,23 @@ class MultimodalModule(ClassificationModule):
         # The base class builds a unimodal head that is replaced just below: a linear one for "full" (cheapest), a
         # one-block attentive one for "probe" (the pairing the base class requires for a frozen backbone). Passing
         # the unimodal head arguments explicitly keeps them out of the CLI and the YAMLs.
-        super().__init__(task=task, num_classes=num_classes, finetune=finetune,
-                         head="attentive" if finetune == "probe" else "linear", head_depth=1, head_heads=1,
-                         cnn_kwargs=None, **kwargs)
+        super().__init__(
+            task=task,
+            num_classes=num_classes,
+            finetune=finetune,
+            head="attentive" if finetune == "probe" else "linear",
+            head_depth=1,
+            head_heads=1,
+            cnn_kwargs=None,
+            **kwargs,
+        )
         # ... and out of the checkpoint's hyper-parameters, which loading passes back to __init__.
         self.save_hyperparameters(ignore=["head", "head_depth", "head_heads", "cnn_kwargs"])
         self.fusion = fusion.removeprefix("vit_")
         self.modalities = modalities
-        self.head = build_fusion_head(self.fusion, int(self.backbone.embed_dim), num_classes, len(modalities),
-                                      **(fusion_kwargs or {}))
+        self.head = build_fusion_head(
+            self.fusion, int(self.backbone.embed_dim), num_classes, len(modalities), **(fusion_kwargs or {})
+        )
 
     # ------------------------------------------------------------------ model
     def encode_modalities(self, images: torch.Tensor, validity: torch.Tensor) -> torch.Tensor:
@@ -101,8 +109,7 @@ class MultimodalModule(ClassificationModule):
         the PoE heads."""
         return self.head(self.encode_modalities(images, validity), validity.bool())
 
-    def forward_with_embedding(self, images: torch.Tensor, validity: torch.Tensor
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_embedding(self, images: torch.Tensor, validity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(outputs [B, K], embedding [B, C])``; the embedding averages the tokens of the valid modalities."""
         validity = validity.bool()
         tokens = self.encode_modalities(images, validity)
@@ -133,8 +140,10 @@ class MultimodalModule(ClassificationModule):
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """``{"embedding": [B, C], "prediction": [B, K] probabilities, **metadata}`` on CPU."""
         outputs, embedding = self.forward_with_embedding(batch["images"], batch["validity"])
-        result = {"embedding": embedding.detach().float().cpu(),
-                  "prediction": self.prediction_tensor(outputs).detach().float().cpu()}
+        result = {
+            "embedding": embedding.detach().float().cpu(),
+            "prediction": self.prediction_tensor(outputs).detach().float().cpu(),
+        }
         result.update({k: list(batch[k]) for k in METADATA_KEYS if k in batch})
         return result
 
@@ -144,9 +153,11 @@ class MultimodalModule(ClassificationModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         dm_modalities = getattr(datamodule, "modality_names", None)
         if dm_modalities is not None and list(dm_modalities) != self.modalities:
-            raise ValueError(f"the model's modality slots are {self.modalities} but the data module serves "
-                             f"{list(dm_modalities)}; set the same list, in the same order, in model.init_args."
-                             "modalities and data.init_args.modalities.")
+            raise ValueError(
+                f"the model's modality slots are {self.modalities} but the data module serves "
+                f"{list(dm_modalities)}; set the same list, in the same order, in model.init_args."
+                "modalities and data.init_args.modalities."
+            )
 
     def _write_test_report(self, arrays, metadata) -> dict:
         results = super()._write_test_report(arrays, metadata)

@@ -1,7 +1,7 @@
 """Collect per-batch predictions of an evaluation epoch and gather them from every rank.
 
 Evaluation metrics (AUROC, C-index, bootstrap CIs) need all predictions at once, over ALL ranks: the reference
-computed its time-to-event C-index per rank shard (SPEC 8.5 [BUG]). Distributed samplers pad the last shard by
+computed its time-to-event C-index per rank shard (docs/method.md §8.5 [BUG]). Distributed samplers pad the last shard by
 repeating scans, so the gathered rows are de-duplicated by scan path (one manifest row per scan).
 """
 
@@ -36,8 +36,9 @@ class PredictionStore:
         first = next(iter(self._arrays.values()), [])
         return int(sum(len(a) for a in first))
 
-    def add(self, arrays: Mapping[str, torch.Tensor | np.ndarray], metadata: Mapping[str, Sequence] | None = None
-            ) -> None:
+    def add(
+        self, arrays: Mapping[str, torch.Tensor | np.ndarray], metadata: Mapping[str, Sequence] | None = None
+    ) -> None:
         """Append one batch.
 
         Args:
@@ -56,8 +57,10 @@ class PredictionStore:
             sizes.add(len(values))
             self._meta.setdefault(name, []).extend(values)
         if len(sizes) > 1:
-            raise ValueError(f"batch entries have different lengths {sorted(sizes)}; every array and metadata list "
-                             "must have one entry per sample.")
+            raise ValueError(
+                f"batch entries have different lengths {sorted(sizes)}; every array and metadata list "
+                "must have one entry per sample."
+            )
 
     def _local(self) -> tuple[dict[str, np.ndarray], dict[str, list]]:
         arrays = {k: np.concatenate(v, axis=0) for k, v in self._arrays.items()}

@@ -1,4 +1,4 @@
-"""JEPA pretraining as a LightningModule (SPEC 3.4, 5, 6, 7).
+"""JEPA pretraining as a LightningModule (docs/method.md §3.4, 5, 6, 7).
 
 One training step, for a batch of volumes with M masks (3 multiscale masks in the paper):
 
@@ -7,9 +7,9 @@ One training step, for a batch of volumes with M masks (3 multiscale masks in th
 2. context: the context encoder runs ONCE for all M masks (the masks have fixed lengths, so they are stacked along
    the batch: ``[M*B, Kc, C]``; the patch embedding is shared);
 3. prediction: the predictor runs ONCE on the stacked masks (mask token 0 for every mask, as the reference);
-4. loss: foreground-weighted L1 (SPEC 6.2), averaged over masks.
+4. loss: foreground-weighted L1 (docs/method.md §6.2), averaged over masks.
 
-The optimizer update around it follows the reference's per-step order (SPEC 7): schedules set before the update
+The optimizer update around it follows the reference's per-step order (docs/method.md §7): schedules set before the update
 (:meth:`JEPAPretrainModule.optimizer_step`), non-finite check (``NonFiniteLossGuard``), gradient clipping with the
 pre-clip norm logged (:meth:`JEPAPretrainModule.configure_gradient_clipping`), AdamW, then the MoE bias update
 (``MoELoadBalance``) and the EMA (``EMATargetUpdate``) in callbacks that :meth:`configure_callbacks` installs in that
@@ -25,7 +25,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp.wrap import wrap
 from torch.nn.parallel import DistributedDataParallel
 
-from callbacks import EMATargetUpdate, MaskFigureLogger, MoELoadBalance, NonFiniteLossGuard
+from neurojepa_pl.callbacks import EMATargetUpdate, MaskFigureLogger, MoELoadBalance, NonFiniteLossGuard
 from neurojepa_pl.losses.jepa import jepa_loss
 from neurojepa_pl.models import build_encoder, build_predictor, ddp_ignored_buffer_names
 from neurojepa_pl.schedules import PretrainSchedule
@@ -112,7 +113,7 @@ def _clean_name(name: str) -> str:
 class JEPAPretrainModule(LightningModule):
     """Neuro-JEPA pretraining: context encoder, EMA target encoder, predictor, foreground-weighted L1 loss.
 
-    Batches are dicts from ``data_modules.pretrain.PretrainDataModule``: ``image`` ``[B, 1, D, H, W]``,
+    Batches are dicts from ``neurojepa_pl.data_modules.pretrain.PretrainDataModule``: ``image`` ``[B, 1, D, H, W]``,
     ``context_idx`` / ``target_idx`` lists of M int64 ``[B, Kc]`` / ``[B, Kt]``, ``foreground`` bool ``[B, N]``.
 
     Args:
@@ -126,7 +127,7 @@ class JEPAPretrainModule(LightningModule):
             as MAE's ``norm_pix_loss``; the loss, weighting and ``loss_exp`` are unchanged, and the target encoder is
             still EMA-updated but not used in the loss).
         per_mask_tokens: use predictor mask token m for mask m (one predictor call per mask) instead of token 0 for
-            all (the reference, SPEC 4); the predictor needs one mask token per mask then.
+            all (the reference, docs/method.md §4); the predictor needs one mask token per mask then.
         batch_masks: run all masks of equal length in one encoder and one predictor forward (default). False runs
             one forward per mask, like the reference (the benchmark baseline); masks of different lengths (V-JEPA 2
             masking) are always grouped by length.
@@ -134,7 +135,7 @@ class JEPAPretrainModule(LightningModule):
             :func:`neurojepa_pl.schedules.lr_at`.
         cooldown_steps: length of the final decay; default 0 in phase ``"pretrain"`` and ``total_steps`` in phase
             ``"cooldown"``.
-        phase: ``"pretrain"`` (warm-up then constant, SPEC 7 phase 1) or ``"cooldown"`` (decay to ``lr_final`` from
+        phase: ``"pretrain"`` (warm-up then constant, docs/method.md §7 phase 1) or ``"cooldown"`` (decay to ``lr_final`` from
             the phase-1 checkpoint given as ``init_from``; the step counter restarts at 0).
         weight_decay: AdamW weight decay, constant or ``[start, end]`` (cosine); never on biases and 1-D tensors.
         betas, eps: AdamW.
@@ -143,7 +144,7 @@ class JEPAPretrainModule(LightningModule):
         moe_bias_rate: MoE balance-bias update rate, constant or ``[start, end]`` (cosine).
         moe_proportional: token-averaged error correction (pretraining) instead of the sign rule.
         moe_bias_clip: balance-bias clip.
-        bg_weight: loss weight of background target tokens (SPEC 6.2; 1.0 disables the weighting).
+        bg_weight: loss weight of background target tokens (docs/method.md §6.2; 1.0 disables the weighting).
         loss_exp: loss exponent p (1 = L1).
         init_from: Lightning checkpoint to start from: weights, and the AdamW state for a non-FSDP strategy (the
             reference's cool-down). Ignored when resuming with ``--ckpt_path`` (that checkpoint wins).
@@ -199,13 +200,14 @@ class JEPAPretrainModule(LightningModule):
         self.predictor = build_predictor(predictor, **(predictor_overrides or {}))
         self._check_predictor_matches_encoder()
         if not per_mask_tokens:
-            # Only mask token 0 is used (SPEC 4); the others would never get a gradient, so freeze them rather than
+            # Only mask token 0 is used (docs/method.md §4); the others would never get a gradient, so freeze them rather than
             # make DDP look for unused parameters. (In the reference AdamW skips them too: they stay zero.)
             for token in list(self.predictor.mask_tokens)[1:]:
                 token.requires_grad_(False)
         if target == "pixel":
             voxels_per_patch = math.prod(
-                s // g for s, g in zip(self.context_encoder.config["img_size"], self.context_encoder.grid_size))
+                s // g for s, g in zip(self.context_encoder.config["img_size"], self.context_encoder.grid_size)
+            )
             self.pixel_head = nn.Linear(self.context_encoder.embed_dim, voxels_per_patch)
         # Names of parameters without weight decay, taken before any wrapper renames or flattens them.
         self._no_decay = {f"context_encoder.{n}" for n in self.context_encoder.no_weight_decay()}
@@ -213,8 +215,13 @@ class JEPAPretrainModule(LightningModule):
         self._no_decay |= {n for n, p in self.named_parameters() if n.startswith("pixel_head.") and p.ndim == 1}
         # MoE routing counts differ per rank (MoELoadBalance all-reduces them): DDP must not broadcast rank 0's.
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            self, [f"{name}.{b}" for name in ("context_encoder", "target_encoder")
-                   for b in ddp_ignored_buffer_names(getattr(self, name))])
+            self,
+            [
+                f"{name}.{b}"
+                for name in ("context_encoder", "target_encoder")
+                for b in ddp_ignored_buffer_names(getattr(self, name))
+            ],
+        )
 
         # ---- schedules, as pure functions of the number of applied optimizer updates
         if cooldown_steps is None:
@@ -222,8 +229,13 @@ class JEPAPretrainModule(LightningModule):
         if phase == "cooldown" and warmup_steps:
             raise ValueError(f"phase 'cooldown' has no warm-up; set warmup_steps: 0 (got {warmup_steps}).")
         self.schedule = PretrainSchedule(
-            lr_start=lr_start, lr_peak=lr_peak, lr_final=lr_final, warmup_steps=warmup_steps,
-            total_steps=total_steps, cooldown_steps=cooldown_steps, cooldown_shape=cooldown_shape,
+            lr_start=lr_start,
+            lr_peak=lr_peak,
+            lr_final=lr_final,
+            warmup_steps=warmup_steps,
+            total_steps=total_steps,
+            cooldown_steps=cooldown_steps,
+            cooldown_shape=cooldown_shape,
             weight_decay=_as_pair(weight_decay, "weight_decay"),
             ema_momentum=_as_pair(ema_momentum, "ema_momentum"),
             moe_rate=_as_pair(moe_bias_rate, "moe_bias_rate"),
@@ -248,7 +260,7 @@ class JEPAPretrainModule(LightningModule):
 
     # ----------------------------------------------------------------------------------------------- the JEPA step
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        targets = self.target_features(batch["image"])          # [B, N, C]: the EMA encoder on every token (no grad)
+        targets = self.target_features(batch["image"])  # [B, N, C]: the EMA encoder on every token (no grad)
         loss = self.masked_prediction_loss(batch, targets)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["image"].shape[0])
         self._log_collapse_indicators(targets)
@@ -264,16 +276,16 @@ class JEPAPretrainModule(LightningModule):
         return self.masked_prediction_loss(batch, self.target_features(batch["image"]))
 
     def masked_prediction_loss(self, batch: dict[str, Any], targets: Tensor) -> Tensor:
-        """Predict each mask's target tokens from its context tokens; foreground-weighted L1 (SPEC 6.2).
+        """Predict each mask's target tokens from its context tokens; foreground-weighted L1 (docs/method.md §6.2).
 
         Args:
             batch: ``image`` ``[B, 1, D, H, W]``, ``context_idx`` / ``target_idx`` (M x ``[B, K]``), ``foreground``.
             targets: ``[B, N, C]`` regression targets of every token (:meth:`target_features`).
         """
         images, context_idx, target_idx = batch["image"], batch["context_idx"], batch["target_idx"]
-        preds = self.predict(images, context_idx, target_idx)                          # M x [B, Kt, C]
-        wanted = [gather_tokens(targets, idx) for idx in target_idx]                   # M x [B, Kt, C]
-        foreground = [gather_tokens(batch["foreground"], idx) for idx in target_idx]   # M x [B, Kt]
+        preds = self.predict(images, context_idx, target_idx)  # M x [B, Kt, C]
+        wanted = [gather_tokens(targets, idx) for idx in target_idx]  # M x [B, Kt, C]
+        foreground = [gather_tokens(batch["foreground"], idx) for idx in target_idx]  # M x [B, Kt]
         return jepa_loss(preds, wanted, foreground, self.hparams.bg_weight, self.hparams.loss_exp)
 
     @torch.no_grad()
@@ -281,10 +293,10 @@ class JEPAPretrainModule(LightningModule):
         """Regression targets of every token, ``[B, N, C]``: the layer-normed (no affine, as the reference) EMA-target
         features, or for ``target="pixel"`` the patch voxels normalised per patch (``C`` = voxels per patch)."""
         if self.hparams.target == "pixel":
-            patches = patchify(images.float(), self.context_encoder.grid_size)         # [B, N, P]
+            patches = patchify(images.float(), self.context_encoder.grid_size)  # [B, N, P]
             mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
             return (patches - mean) / (var + 1e-6).sqrt()
-        features = self.target_encoder(images)                                          # [B, N, C]
+        features = self.target_encoder(images)  # [B, N, C]
         return F.layer_norm(features, features.shape[-1:])
 
     def predict(self, images: Tensor, context_idx: Sequence[Tensor], target_idx: Sequence[Tensor]) -> list[Tensor]:
@@ -294,12 +306,16 @@ class JEPAPretrainModule(LightningModule):
         for group in self._mask_groups(context_idx, target_idx):
             contexts = [context_idx[m] for m in group]
             targets = [target_idx[m] for m in group]
-            z = self.context_encoder(images, masks=contexts)                           # [G*B, Kc, C]
+            z = self.context_encoder(images, masks=contexts)  # [G*B, Kc, C]
             if self.hparams.per_mask_tokens:
-                out = torch.cat([self.predictor(z_m, c, t, mask_index=m)
-                                 for m, z_m, c, t in zip(group, z.chunk(len(group)), contexts, targets)])
+                out = torch.cat(
+                    [
+                        self.predictor(z_m, c, t, mask_index=m)
+                        for m, z_m, c, t in zip(group, z.chunk(len(group)), contexts, targets)
+                    ]
+                )
             else:
-                out = self.predictor(z, torch.cat(contexts), torch.cat(targets))      # [G*B, Kt, C]
+                out = self.predictor(z, torch.cat(contexts), torch.cat(targets))  # [G*B, Kt, C]
             if self.hparams.target == "pixel":
                 out = self.pixel_head(out)
             preds.extend(out.chunk(len(group)))
@@ -331,7 +347,7 @@ class JEPAPretrainModule(LightningModule):
 
     # ----------------------------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW with the reference's four groups (SPEC 7): encoder / predictor weights with weight decay, then
+        """AdamW with the reference's four groups (docs/method.md §7): encoder / predictor weights with weight decay, then
         encoder / predictor biases and 1-D tensors without. Each group carries ``apply_wd`` for the schedule."""
         groups = {(part, decay): [] for decay in (True, False) for part in ("encoder", "predictor")}
         for name, param in self.named_parameters():
@@ -342,18 +358,24 @@ class JEPAPretrainModule(LightningModule):
             groups[(part, clean not in self._no_decay)].append(param)
         first = self.schedule.at(1)
         param_groups = [
-            {"params": params, "name": f"{part}{'' if decay else '_no_wd'}", "apply_wd": decay,
-             "weight_decay": first.weight_decay if decay else 0.0}
-            for (part, decay), params in groups.items() if params
+            {
+                "params": params,
+                "name": f"{part}{'' if decay else '_no_wd'}",
+                "apply_wd": decay,
+                "weight_decay": first.weight_decay if decay else 0.0,
+            }
+            for (part, decay), params in groups.items()
+            if params
         ]
         fused = self.hparams.fused_adamw
         if fused is None:
             fused = True if self.device.type == "cuda" else None
-        return torch.optim.AdamW(param_groups, lr=first.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps,
-                                 fused=fused)
+        return torch.optim.AdamW(
+            param_groups, lr=first.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps, fused=fused
+        )
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        """One optimizer update (after gradient accumulation), SPEC 7 order.
+        """One optimizer update (after gradient accumulation), docs/method.md §7 order.
 
         The schedules are set first (the reference steps them before ``optimizer.step``, so update k uses the value at
         step k). ``optimizer.step(closure)`` then runs the last micro-batch's forward and backward, the callbacks'
@@ -376,12 +398,20 @@ class JEPAPretrainModule(LightningModule):
         if self.update_skipped:  # gradients already dropped by NonFiniteLossGuard
             return
         if gradient_clip_algorithm not in (None, "norm"):
-            raise ValueError(f"Only gradient_clip_algorithm 'norm' is supported (SPEC 7); got {gradient_clip_algorithm!r}.")
+            raise ValueError(
+                f"Only gradient_clip_algorithm 'norm' is supported (docs/method.md §7); got {gradient_clip_algorithm!r}."
+            )
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         grads = [p.grad for p in params]
-        total_norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0) if grads else torch.zeros((), device=self.device)
+        total_norm = (
+            torch.nn.utils.get_total_norm(grads, norm_type=2.0) if grads else torch.zeros((), device=self.device)
+        )
         strategy = self.trainer.strategy
-        if isinstance(strategy, FSDPStrategy) and strategy.sharding_strategy.name != "NO_SHARD" and dist.is_initialized():
+        if (
+            isinstance(strategy, FSDPStrategy)
+            and strategy.sharding_strategy.name != "NO_SHARD"
+            and dist.is_initialized()
+        ):
             # Every rank holds a disjoint gradient shard: the global norm is the root of the summed local squares.
             squared = total_norm.pow(2)
             dist.all_reduce(squared)
@@ -427,7 +457,9 @@ class JEPAPretrainModule(LightningModule):
             # Buffers stay in their own dtype: Lightning's bf16 FSDP config would round the MoE balance biases to
             # bf16, whose spacing (~5e-4 near 0.1) is coarser than one bias update (rate 1e-4).
             precision = strategy.mixed_precision_config
-            overrides = {} if precision is None else {"mixed_precision": dataclasses.replace(precision, buffer_dtype=None)}
+            overrides = (
+                {} if precision is None else {"mixed_precision": dataclasses.replace(precision, buffer_dtype=None)}
+            )
             for blocks in (self.context_encoder.blocks, self.target_encoder.blocks, self.predictor.predictor_blocks):
                 for i in range(len(blocks)):
                     blocks[i] = wrap(blocks[i], **overrides)
@@ -443,7 +475,7 @@ class JEPAPretrainModule(LightningModule):
     def _trainer_strategy(self) -> Any:
         return self._trainer.strategy if self._trainer is not None else None
 
-    def train(self, mode: bool = True) -> "JEPAPretrainModule":
+    def train(self, mode: bool = True) -> JEPAPretrainModule:
         """The target encoder stays in eval mode (it is only ever run under no_grad)."""
         super().train(mode)
         self.target_encoder.eval()
@@ -471,8 +503,10 @@ class JEPAPretrainModule(LightningModule):
             self._init_from = torch.load(self.hparams.init_from, map_location="cpu", weights_only=True)
             missing = [k for k in ("state_dict", "optimizer_states") if k not in self._init_from]
             if missing:
-                raise KeyError(f"init_from {self.hparams.init_from!r} lacks {missing}: expected a Lightning checkpoint "
-                               "written by JEPAPretrainModule (phase 1).")
+                raise KeyError(
+                    f"init_from {self.hparams.init_from!r} lacks {missing}: expected a Lightning checkpoint "
+                    "written by JEPAPretrainModule (phase 1)."
+                )
             self.load_state_dict(self._init_from["state_dict"], strict=True)
 
     def on_fit_start(self) -> None:
@@ -484,7 +518,7 @@ class JEPAPretrainModule(LightningModule):
                 "init_from restores the AdamW state only for single-device / DDP runs; under FSDP start the cool-down "
                 "on DDP, or resume the phase-1 run with --ckpt_path and a cool-down schedule."
             )
-        # The phase-1 AdamW moments carry over (SPEC 7: the cool-down loads the optimizer); lr and wd are reset by the
+        # The phase-1 AdamW moments carry over (docs/method.md §7: the cool-down loads the optimizer); lr and wd are reset by the
         # schedule at every update, and the step counter starts again at 0.
         self.trainer.optimizers[0].load_state_dict(init["optimizer_states"][0])
         del self._init_from

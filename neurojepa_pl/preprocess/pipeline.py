@@ -1,4 +1,4 @@
-"""Offline preprocessing of raw scans into the space the model expects (SPEC 1.1), parallel and resumable.
+"""Offline preprocessing of raw scans into the space the model expects (docs/method.md §1.1), parallel and resumable.
 
 Per scan, in the reference's order: reorientation to RAS (``nibabel.as_closest_canonical``; the reference runs
 ``fslreorient2std``) -> N4 bias-field correction -> 12-DOF affine registration to the MNI152 template of the modality
@@ -21,11 +21,11 @@ import csv
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import nibabel as nib
 import pandas as pd
@@ -245,9 +245,7 @@ def preprocess_manifest(
         also written to ``out_dir/manifest.csv``. ``attrs["status"]`` holds this run's attempts.
     """
     if "path" not in manifest.columns or "modality" not in manifest.columns:
-        raise ValueError(
-            f"preprocessing needs the per-scan manifest (modality, path); found {list(manifest.columns)}."
-        )
+        raise ValueError(f"preprocessing needs the per-scan manifest (modality, path); found {list(manifest.columns)}.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     frame = manifest.reset_index(drop=True)
@@ -306,4 +304,3 @@ def _execute(tasks: list, workers: int):
         futures = [pool.submit(run_steps, task) for task in tasks]
         for future in as_completed(futures):
             yield future.result()
-

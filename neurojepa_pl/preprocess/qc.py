@@ -1,4 +1,4 @@
-"""Quality control of registered scans against the MNI152 template of their modality (paper Methods, SPEC 1.1).
+"""Quality control of registered scans against the MNI152 template of their modality (paper Methods, docs/method.md §1.1).
 
 For every scan of a per-scan manifest:
 
@@ -6,7 +6,7 @@ For every scan of a per-scan manifest:
    voxel count, original orientation code (reported; the chain reorients to RAS), voxel spacing, shape, raw intensity
    range, foreground fraction (voxels > 0).
 2. **Similarity to the template** (the paper's MI, PSNR and Pearson): the scan goes through the deterministic loading
-   chain of SPEC 1.2 (:func:`data_modules.transforms.loading_transforms` settings); the template of its modality
+   chain of docs/method.md §1.2 (:func:`neurojepa_pl.data.transforms.loading_transforms` settings); the template of its modality
    (:mod:`.templates`) is resampled into the scan's RAS voxel grid through world coordinates and follows the *same*
    chain in lockstep (same percentile scaling, pad/crop, spacing, the scan's foreground crop box, resize), so both end
    on the same model grid. A scan whose data do not sit where its header says (misregistered, flipped axes) or that is
@@ -28,8 +28,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import nibabel as nib
 import numpy as np
@@ -41,7 +41,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, MapTransform
 from nibabel.filebasedimages import ImageFileError
 
-from data_modules.transforms import IMAGE_KEY, ScanRejected, TransformSettings, loading_transforms
+from neurojepa_pl.data.transforms import IMAGE_KEY, ScanRejected, TransformSettings, loading_transforms
 
 from .templates import load_template
 
@@ -189,9 +189,9 @@ class AddTemplated(MapTransform):
 
 
 def qc_pair_transforms(settings: TransformSettings, resampler: TemplateResampler, modality: str) -> Compose:
-    """SPEC 1.2 loading chain on ``image`` with the template carried along (keys ``image`` and ``template``).
+    """docs/method.md §1.2 loading chain on ``image`` with the template carried along (keys ``image`` and ``template``).
 
-    The very same :func:`data_modules.transforms.loading_transforms` with the template inserted after the RAS
+    The very same :func:`neurojepa_pl.data.transforms.loading_transforms` with the template inserted after the RAS
     reorientation as a companion key, so the scan goes through exactly the training chain and the foreground crop box
     is the scan's.
     """
@@ -235,9 +235,7 @@ def check_thresholds(thresholds: dict, source: str = "thresholds") -> None:
                 raise ValueError(f"{source}: modalities.{modality}.{name} must be [min, max]; found {bounds!r}.")
 
 
-def calibrate_thresholds(
-    metrics: pd.DataFrame, quantile: float, base: dict | None = None, margin: float = 0.0
-) -> dict:
+def calibrate_thresholds(metrics: pd.DataFrame, quantile: float, base: dict | None = None, margin: float = 0.0) -> dict:
     """Set each modality's MI/PSNR/Pearson minimum at the ``quantile`` of its scans' values (lowest-scoring tail).
 
     Args:
@@ -307,9 +305,7 @@ def apply_thresholds(metrics: pd.DataFrame, thresholds: dict) -> pd.DataFrame:
     """Set ``qc_pass`` and ``qc_reason`` (``"; "``-joined failed checks, empty when passed)."""
     out = metrics.copy()
     modalities = thresholds["modalities"]
-    reasons = [
-        "; ".join(_failures(row, modalities.get(row["modality"]))) for row in out.to_dict(orient="records")
-    ]
+    reasons = ["; ".join(_failures(row, modalities.get(row["modality"]))) for row in out.to_dict(orient="records")]
     out["qc_reason"] = reasons
     out["qc_pass"] = [not reason for reason in reasons]
     return out

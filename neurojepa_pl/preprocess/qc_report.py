@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from data_modules.transforms import TransformSettings
+from neurojepa_pl.data.transforms import TransformSettings
 
 from .qc import TemplateResampler, load_pair
 
@@ -59,8 +59,13 @@ def write_html_report(
     thumbs.mkdir(parents=True, exist_ok=True)
     summary = (
         results.groupby("modality")
-        .agg(scans=("qc_pass", "size"), passed=("qc_pass", "sum"), mi_median=("qc_mi", "median"),
-             psnr_median=("qc_psnr", "median"), pearson_median=("qc_pearson", "median"))  # fmt: skip
+        .agg(
+            scans=("qc_pass", "size"),
+            passed=("qc_pass", "sum"),
+            mi_median=("qc_mi", "median"),
+            psnr_median=("qc_psnr", "median"),
+            pearson_median=("qc_pearson", "median"),
+        )  # fmt: skip
         .reset_index()
     )
     failed = results.loc[~results["qc_pass"], [c for c in SUMMARY_COLUMNS if c in results.columns]]

@@ -1,8 +1,8 @@
 """MNI152 reference templates for registration and QC, built offline from nilearn's packaged ICBM152 2009a maps.
 
 * T1w -> the MNI152 T1 template (nilearn's skull-stripped 2009a T1), cropped exactly to the FSL 182x218x182 1 mm grid.
-* T2w and FLAIR -> a **T2-like template**. The reference registers both to ``mni_icbm152_t2_tal_nlin_asym_09c`` (SPEC
-  1.1), but nilearn ships no T2 map and nothing may download. We synthesise one from the tissue maps with T2 ordering
+* T2w and FLAIR -> a **T2-like template**. The reference registers both to ``mni_icbm152_t2_tal_nlin_asym_09c`` (docs/method.md
+  §1.1), but nilearn ships no T2 map and nothing may download. We synthesise one from the tissue maps with T2 ordering
   CSF > GM > WM: ``T2 = 1.0 * CSF + 0.55 * GM + 0.35 * WM`` inside the intracranial volume (CSF = ICV - GM - WM as in
   data_facts section 1), zero outside (skull-stripped like the scans). FLAIR shares it as in the reference; its
   QC thresholds are separate because FLAIR's dark CSF correlates less with a T2 template.

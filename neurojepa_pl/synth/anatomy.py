@@ -47,7 +47,7 @@ class Jitter:
     shift_mm: tuple[float, float, float]
 
     @staticmethod
-    def draw(generator: torch.Generator) -> "Jitter":
+    def draw(generator: torch.Generator) -> Jitter:
         """Small residual misregistration as after a 12-DOF affine registration: rotations sd 1 deg (clipped to
         2 deg), scales sd 1 % (clipped to 2 %), shifts sd 0.7 mm (clipped to 1.5 mm)."""
         values = torch.randn(9, generator=generator, dtype=torch.float64)

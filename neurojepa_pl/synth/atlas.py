@@ -356,8 +356,9 @@ def _make_atlas(full_maps: np.ndarray, affine: np.ndarray, centres: np.ndarray, 
         maps=torch.from_numpy(np.ascontiguousarray(full_maps[(slice(None), *box)], dtype=np.float32)),
         point_box_index=torch.from_numpy(box_index.astype(np.int64)),
         point_full_index=torch.from_numpy(full_index.astype(np.int64)),
-        point_world=torch.from_numpy(voxel_to_world(affine, (box_voxels + np.array(start)).astype(np.float64))
-                                     .astype(np.float32)),
+        point_world=torch.from_numpy(
+            voxel_to_world(affine, (box_voxels + np.array(start)).astype(np.float64)).astype(np.float32)
+        ),
         point_of_voxel=torch.from_numpy(point_of_voxel),
         point_shell=torch.from_numpy(np.sort(shell)),
         ventricle_centres_mm=centres,

@@ -49,8 +49,18 @@ TEXTURE_CORRELATION_MM = 1.5
 TUMOUR_TEXTURE_CORRELATION_MM = 4.0
 
 LABEL_COLUMNS: tuple[str, ...] = (
-    "site", "age", "sex", "wmh", "tumour", "haemorrhage", "infarct", "any_lesion",
-    "wmh_volume_ml", "tumour_volume_ml", "survival_time", "survival_event",
+    "site",
+    "age",
+    "sex",
+    "wmh",
+    "tumour",
+    "haemorrhage",
+    "infarct",
+    "any_lesion",
+    "wmh_volume_ml",
+    "tumour_volume_ml",
+    "survival_time",
+    "survival_event",
 )
 MANIFEST_COLUMNS: tuple[str, ...] = ("subject_id", "session_id", "modality", "path", *LABEL_COLUMNS)
 
@@ -170,8 +180,9 @@ def _render_session(
     signal = tissue_signal(fractions, maps["t1_detail"], means, modalities)
     signal.mul_(texture_modulation(fields.texture, fields.tumour_texture, fractions[class_index("tumour")]))
     signal.clamp_(min=0.0)
-    generators = [torch_generator(seed, index, SESSION_STREAM, number, _CONTRAST + MODALITIES.index(m))
-                  for m in modalities]
+    generators = [
+        torch_generator(seed, index, SESSION_STREAM, number, _CONTRAST + MODALITIES.index(m)) for m in modalities
+    ]
     # All contrasts' bias lattices are upsampled in one call (the cost is per voxel, hardly per channel).
     bias = atlas.sample_box_lattice(torch.cat([bias_lattice(atlas, g) for g in generators]))
     mask = maps["icv"] > 0.5
@@ -226,8 +237,9 @@ def generate_subject(
     Returns:
         The ``SynthSubject``; each session's images are ``[D, H, W]`` float32 in int16 scanner units.
     """
-    plan = sample_subject_labels(seed, index, n_sites=n_sites, sessions=sessions, prevalence=prevalence,
-                                 wmh_scale=wmh_scale)
+    plan = sample_subject_labels(
+        seed, index, n_sites=n_sites, sessions=sessions, prevalence=prevalence, wmh_scale=wmh_scale
+    )
     atlas = load_atlas(grid)
     subject = SynthSubject(subject_id=plan.subject_id, plan=plan, affine=atlas.affine.copy())
     subject.sessions.extend(iter_sessions(plan, seed, grid, modalities, return_tissue))
@@ -253,8 +265,9 @@ class _CohortTask:
 
 def _write_subject(task: _CohortTask, index: int) -> tuple[list[dict[str, object]], dict[str, object]]:
     """Render and write one subject; returns its manifest rows and its participants.tsv row."""
-    plan = sample_subject_labels(task.seed, index, task.n_sites, task.sessions, task.prevalence,
-                                 wmh_scale=task.wmh_scale)
+    plan = sample_subject_labels(
+        task.seed, index, task.n_sites, task.sessions, task.prevalence, wmh_scale=task.wmh_scale
+    )
     affine = load_atlas(task.grid).affine
     rows: list[dict[str, object]] = []
     pending: list[Future] = []
@@ -264,8 +277,15 @@ def _write_subject(task: _CohortTask, index: int) -> tuple[list[dict[str, object
             for modality, image in session.images.items():
                 relative = scan_path(plan.subject_id, session.session_id, modality)
                 pending.append(writer.submit(write_nifti_gz, Path(task.out_dir) / relative, to_int16(image), affine))
-                rows.append({"subject_id": plan.subject_id, "session_id": session.session_id, "modality": modality,
-                             "path": relative, **session.labels})
+                rows.append(
+                    {
+                        "subject_id": plan.subject_id,
+                        "session_id": session.session_id,
+                        "modality": modality,
+                        "path": relative,
+                        **session.labels,
+                    }
+                )
         for future in pending:
             future.result()
     participant = {
@@ -345,7 +365,7 @@ def generate_cohort(
         sessions: ``(min, max)`` sessions per subject.
         prevalence: pathology prevalences, e.g. ``{"tumour": 0.4}`` (see ``labels.DEFAULT_PREVALENCE``).
         workers: processes rendering subjects in parallel (1 = in this process).
-        split: add a patient-level 60/20/20 ``split`` column (``data_modules.manifest.assign_patient_splits``).
+        split: add a patient-level 60/20/20 ``split`` column (``neurojepa_pl.data.assign_patient_splits``).
         wmh_scale: WMH volume multiplier (default 1; the multimodal WMH task uses 4 so that FLAIR carries a clear
             signal), see ``labels.sample_subject_labels``.
 
@@ -385,7 +405,7 @@ def generate_cohort(
 
     manifest = pd.DataFrame([row for rows, _ in results for row in rows], columns=list(MANIFEST_COLUMNS))
     if split:
-        from data_modules.manifest import assign_patient_splits
+        from neurojepa_pl.data import assign_patient_splits
 
         manifest = assign_patient_splits(manifest, fractions=(0.6, 0.2, 0.2), seed=task.seed)
     manifest.to_csv(out / "manifest.csv", index=False)

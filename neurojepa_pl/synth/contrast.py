@@ -62,7 +62,7 @@ class SiteProfile:
     psf_mm: tuple[float, float]
 
     @staticmethod
-    def draw(seed: int, site_index: int) -> "SiteProfile":
+    def draw(seed: int, site_index: int) -> SiteProfile:
         """Deterministic profile of site ``site_index`` for cohort ``seed``; site 0 is always the cleanest."""
         rng = np.random.default_rng(np.random.SeedSequence([int(seed), 1_000_003, int(site_index)]))
         gamma = {m: float(rng.uniform(0.8, 1.25)) for m in MODALITIES}

@@ -55,8 +55,15 @@ def linear_map(matrix: np.ndarray, translation: np.ndarray | None, points: torch
 
     See ``grids.apply_linear``: a fixed-order sum keeps results independent of BLAS threading.
     """
-    out = torch.zeros_like(points) if translation is None else (
-        torch.tensor(translation, dtype=points.dtype).reshape(3, *([1] * (points.dim() - 1))).expand_as(points).clone()
+    out = (
+        torch.zeros_like(points)
+        if translation is None
+        else (
+            torch.tensor(translation, dtype=points.dtype)
+            .reshape(3, *([1] * (points.dim() - 1)))
+            .expand_as(points)
+            .clone()
+        )
     )
     for i in range(3):
         for j in range(3):

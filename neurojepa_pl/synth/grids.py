@@ -22,7 +22,7 @@ MNI_ORIGIN_MM: tuple[float, float, float] = (-90.0, -126.0, -72.0)
 # Crop of nilearn's 197x233x189 ICBM152 2009a grid that gives the FSL grid exactly (no interpolation).
 MNI2009A_TO_FSL_CROP: tuple[slice, slice, slice] = (slice(8, 190), slice(8, 226), slice(0, 182))
 MODEL_SHAPE: tuple[int, int, int] = (96, 108, 96)
-# The reference loading chain (SPEC 1.2): pad/crop to this, crop foreground (margin 4), resize to RESIZED_SHAPE,
+# The reference loading chain (docs/method.md §1.2): pad/crop to this, crop foreground (margin 4), resize to RESIZED_SHAPE,
 # then centre-crop to MODEL_SHAPE.
 REFERENCE_PAD_SHAPE: tuple[int, int, int] = (180, 216, 180)
 RESIZED_SHAPE: tuple[int, int, int] = (100, 120, 100)
@@ -61,9 +61,7 @@ def normalize_grid(grid: GridSpec | list[int]) -> GridSpec:
         grid = tuple(int(g) for g in match.groups())
     shape = tuple(int(g) for g in grid)
     if len(shape) != 3 or min(shape) < 8:
-        raise ValueError(
-            f"an explicit grid must be three sizes of at least 8 voxels, e.g. (48, 54, 48); got {grid!r}"
-        )
+        raise ValueError(f"an explicit grid must be three sizes of at least 8 voxels, e.g. (48, 54, 48); got {grid!r}")
     return shape  # type: ignore[return-value]
 
 

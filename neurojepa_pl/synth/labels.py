@@ -31,11 +31,21 @@ LABEL_STREAM = 0
 
 # Lesion sites in MNI world mm for the left hemisphere (x is mirrored for the right); checked against the atlas in
 # tests (deep WM for tumours, deep grey nuclei or lobar WM for haemorrhages, cortex/WM junction for infarcts).
-TUMOUR_SITES_MM = ((-26.0, 20.0, 28.0), (-28.0, -40.0, 34.0), (-24.0, -10.0, 36.0), (-26.0, -70.0, 12.0),
-                   (-22.0, 38.0, 6.0))
+TUMOUR_SITES_MM = (
+    (-26.0, 20.0, 28.0),
+    (-28.0, -40.0, 34.0),
+    (-24.0, -10.0, 36.0),
+    (-26.0, -70.0, 12.0),
+    (-22.0, 38.0, 6.0),
+)
 HAEMORRHAGE_SITES_MM = ((-24.0, 2.0, 2.0), (-12.0, -18.0, 8.0), (-30.0, -52.0, 30.0), (-30.0, 28.0, 22.0))
-INFARCT_SITES_MM = ((-46.0, -8.0, 30.0), (-44.0, 20.0, 12.0), (-48.0, -40.0, 28.0), (-14.0, -82.0, 6.0),
-                    (-8.0, 30.0, 42.0))
+INFARCT_SITES_MM = (
+    (-46.0, -8.0, 30.0),
+    (-44.0, 20.0, 12.0),
+    (-48.0, -40.0, 28.0),
+    (-14.0, -82.0, 6.0),
+    (-8.0, 30.0, 42.0),
+)
 SITE_JITTER_MM = 4.0
 
 

@@ -162,8 +162,16 @@ class LesionPainter:
         ids = atlas.point_of_voxel[region].reshape(-1)
         return ids[ids >= 0]
 
-    def _focal(self, lesion: Lesion, volume_ml: float, core: str, core_sources: tuple[str, ...], halo: str,
-               roughness: float, generator: torch.Generator) -> None:
+    def _focal(
+        self,
+        lesion: Lesion,
+        volume_ml: float,
+        core: str,
+        core_sources: tuple[str, ...],
+        halo: str,
+        roughness: float,
+        generator: torch.Generator,
+    ) -> None:
         """Paint a core of ``volume_ml`` (score: rough ellipsoid) and its halo of ``halo_ratio`` x the core volume.
 
         The halo score favours WM (``+ HALO_WM_PREFERENCE * wm``), so oedema and gliosis spread along white matter

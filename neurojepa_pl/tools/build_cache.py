@@ -19,8 +19,8 @@ def _triple_or_none(kind):
 
 
 def add_transform_arguments(parser: argparse.ArgumentParser) -> None:
-    """Loading-chain settings (``TransformSettings``) as options; defaults are the paper's (SPEC 1.2)."""
-    group = parser.add_argument_group("loading chain (SPEC 1.2; defaults are the paper's)")
+    """Loading-chain settings (``TransformSettings``) as options; defaults are the paper's (docs/method.md §1.2)."""
+    group = parser.add_argument_group("loading chain (docs/method.md §1.2; defaults are the paper's)")
     group.add_argument("--pad-crop-size", nargs="+", default=["180", "216", "180"], metavar="N",
                        help="edge pad/crop before resampling, or 'none' (default 180 216 180)")  # fmt: skip
     group.add_argument("--target-spacing", nargs="+", default=["1", "1", "1"], metavar="MM",
@@ -37,7 +37,7 @@ def add_transform_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace):
     """``TransformSettings`` from the options of :func:`add_transform_arguments`."""
-    from data_modules.transforms import TransformSettings
+    from neurojepa_pl.data.transforms import TransformSettings
 
     try:
         pad = _triple_or_none(int)(args.pad_crop_size)
@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from data_modules.fast_cache import build_fast_cache
-    from data_modules.manifest import load_manifest
+    from neurojepa_pl.data import load_manifest
+    from neurojepa_pl.data_modules.fast_cache import build_fast_cache
 
     settings = settings_from_args(args)
     started = time.perf_counter()

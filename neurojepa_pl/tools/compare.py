@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -26,10 +26,20 @@ from neurojepa_pl.metrics.tasks import PRIMARY_METRIC, TASKS, task_metric_fn
 __all__ = ["main", "compare_runs"]
 
 # Which canonical arrays are the targets (fixed) and which the predictions (swapped by the permutation test).
-_TARGETS = {"binary": ("target",), "multiclass": ("target",), "multilabel": ("target", "mask"),
-            "regression": ("target",), "survival": ("time", "event")}
-_PREDICTIONS = {"binary": "score", "multiclass": "score", "multilabel": "score", "regression": "prediction",
-                "survival": "risk"}
+_TARGETS = {
+    "binary": ("target",),
+    "multiclass": ("target",),
+    "multilabel": ("target", "mask"),
+    "regression": ("target",),
+    "survival": ("time", "event"),
+}
+_PREDICTIONS = {
+    "binary": "score",
+    "multiclass": "score",
+    "multilabel": "score",
+    "regression": "prediction",
+    "survival": "risk",
+}
 JOIN_KEYS = {"path": ["path"], "subject": ["subject_id", "session_id"]}
 RANK_METRICS = ("auroc", "ap", "selection", "cindex")
 """Metrics that depend on each model's scores only through their order (``auroc/<class>`` etc. included)."""
@@ -52,8 +62,10 @@ def _joined(frame_a: pd.DataFrame, frame_b: pd.DataFrame, keys: list[str], run_a
     for name, frame in ((run_a, frame_a), (run_b, frame_b)):
         missing = [k for k in keys if k not in frame.columns]
         if missing:
-            raise ValueError(f"{name}: predictions have no column(s) {missing} to join on; use --join-on "
-                             f"{'subject' if keys == ['path'] else 'path'}.")
+            raise ValueError(
+                f"{name}: predictions have no column(s) {missing} to join on; use --join-on "
+                f"{'subject' if keys == ['path'] else 'path'}."
+            )
         if frame.duplicated(keys).any():
             raise ValueError(f"{name}: several rows share the same {keys}; cannot pair scans.")
     a = frame_a[keys].reset_index(names="_row_a")
@@ -89,9 +101,17 @@ def _paired_metric(task: str, metric: str, class_names) -> Callable[[np.ndarray,
     return metric_fn
 
 
-def compare_runs(run_a: str | Path, run_b: str | Path, metric: str | None = None, n_perm: int = 10000,
-                 n_boot: int = 1000, alpha: float = 0.05, seed: int = 0, task: str | None = None,
-                 join_on: str = "path") -> dict:
+def compare_runs(
+    run_a: str | Path,
+    run_b: str | Path,
+    metric: str | None = None,
+    n_perm: int = 10000,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    task: str | None = None,
+    join_on: str = "path",
+) -> dict:
     """Paired comparison of two runs (see the module docstring).
 
     Returns:
@@ -109,14 +129,18 @@ def compare_runs(run_a: str | Path, run_b: str | Path, metric: str | None = None
     y_b = _stack_targets(task_a, {k: v[pairs[:, 1]] for k, v in arrays_b.items()})
     if not np.allclose(y_a, y_b, equal_nan=True):
         bad = int((~np.isclose(y_a, y_b, equal_nan=True)).any(axis=1).sum())
-        raise ValueError(f"{bad} paired scan(s) have different targets in the two runs; were they tested on the "
-                         "same labels?")
+        raise ValueError(
+            f"{bad} paired scan(s) have different targets in the two runs; were they tested on the same labels?"
+        )
     pred_name = _PREDICTIONS[task_a]
     pred_a = np.asarray(arrays_a[pred_name])[pairs[:, 0]]
     pred_b = np.asarray(arrays_b[pred_name])[pairs[:, 1]]
     metric_fn = _paired_metric(task_a, metric, names_a)
-    stratify = y_a[:, 0].astype(int) if task_a in ("binary", "multiclass") else (
-        y_a[:, 1].astype(int) if task_a == "survival" else None)
+    stratify = (
+        y_a[:, 0].astype(int)
+        if task_a in ("binary", "multiclass")
+        else (y_a[:, 1].astype(int) if task_a == "survival" else None)
+    )
 
     def both(y, a, b):
         value_a, value_b = metric_fn(y, a), metric_fn(y, b)
@@ -126,10 +150,21 @@ def compare_runs(run_a: str | Path, run_b: str | Path, metric: str | None = None
     by_rank = metric.split("/")[0] in RANK_METRICS
     perm_a, perm_b = (rank_normalised(pred_a), rank_normalised(pred_b)) if by_rank else (pred_a, pred_b)
     delta, p_value = paired_permutation_test(metric_fn, y_a, perm_a, perm_b, n_perm=n_perm, seed=seed)
-    return {"task": task_a, "metric": metric, "n": int(len(pairs)), "a": list(boot["a"]), "b": list(boot["b"]),
-            "delta": [delta, boot["delta"][1], boot["delta"][2]], "p_value": p_value, "n_perm": n_perm,
-            "n_boot": n_boot, "ci_level": 1 - alpha, "run_a": str(run_a), "run_b": str(run_b),
-            "permuted": "within-model ranks" if by_rank else "raw predictions"}
+    return {
+        "task": task_a,
+        "metric": metric,
+        "n": int(len(pairs)),
+        "a": list(boot["a"]),
+        "b": list(boot["b"]),
+        "delta": [delta, boot["delta"][1], boot["delta"][2]],
+        "p_value": p_value,
+        "n_perm": n_perm,
+        "n_boot": n_boot,
+        "ci_level": 1 - alpha,
+        "run_a": str(run_a),
+        "run_b": str(run_b),
+        "permuted": "within-model ranks" if by_rank else "raw predictions",
+    }
 
 
 def _format(result: dict) -> str:
@@ -153,25 +188,33 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="neurojepa compare",
         description="Compare two runs' test predictions: per-run bootstrap CIs, the paired difference A - B with a "
-                    "paired bootstrap CI, and a two-sided paired permutation test.",
+        "paired bootstrap CI, and a two-sided paired permutation test.",
     )
     parser.add_argument("run_a", help="run folder holding predictions.csv (or the CSV itself)")
     parser.add_argument("run_b", help="second run folder or predictions.csv")
-    parser.add_argument("--metric", default=None,
-                        help="metric to compare (default: auroc for classification, mae for regression, cindex "
-                             "for survival; any key of metrics.json, e.g. ap, balanced_accuracy, rmse, auroc/<class>)")
+    parser.add_argument(
+        "--metric",
+        default=None,
+        help="metric to compare (default: auroc for classification, mae for regression, cindex "
+        "for survival; any key of metrics.json, e.g. ap, balanced_accuracy, rmse, auroc/<class>)",
+    )
     parser.add_argument("--n-perm", type=int, default=10000, help="permutations (default 10000)")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
     parser.add_argument("--alpha", type=float, default=0.05, help="1 - CI level (default 0.05)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the resampling and permutations")
     parser.add_argument("--task", choices=TASKS, default=None, help="override the task inferred from the columns")
-    parser.add_argument("--join-on", choices=sorted(JOIN_KEYS), default="path",
-                        help="pair scans by 'path' (default) or by 'subject' (subject_id + session_id, e.g. two "
-                             "modalities of the same session)")
+    parser.add_argument(
+        "--join-on",
+        choices=sorted(JOIN_KEYS),
+        default="path",
+        help="pair scans by 'path' (default) or by 'subject' (subject_id + session_id, e.g. two "
+        "modalities of the same session)",
+    )
     parser.add_argument("--json", default=None, help="also write the result to this JSON file")
     args = parser.parse_args(argv)
-    result = compare_runs(args.run_a, args.run_b, args.metric, args.n_perm, args.n_boot, args.alpha, args.seed,
-                          args.task, args.join_on)
+    result = compare_runs(
+        args.run_a, args.run_b, args.metric, args.n_perm, args.n_boot, args.alpha, args.seed, args.task, args.join_on
+    )
     print(_format(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

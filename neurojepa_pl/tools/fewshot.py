@@ -1,4 +1,4 @@
-"""``neurojepa fewshot``: the few-shot protocol (paper "Few-shots Evaluation"; SPEC 8.8).
+"""``neurojepa fewshot``: the few-shot protocol (paper "Few-shots Evaluation"; docs/method.md §8.8).
 
 For every k and every repetition r, fine-tune on a fresh few-shot draw of the training split
 (``--data.init_args.k_shot k --data.init_args.few_shot_seed r``; val and test stay whole), then test, through the
@@ -34,8 +34,14 @@ def _run_one(configs: Sequence[str], overrides: Sequence[str], k: int, seed: int
     for config in configs:
         args += ["--config", config]
     args += list(overrides)
-    args += ["--data.init_args.k_shot", str(k), "--data.init_args.few_shot_seed", str(seed),
-             "--model.init_args.output_dir", str(out_dir)]
+    args += [
+        "--data.init_args.k_shot",
+        str(k),
+        "--data.init_args.few_shot_seed",
+        str(seed),
+        "--model.init_args.output_dir",
+        str(out_dir),
+    ]
     cli = lightning_main(args)
     checkpoint = getattr(cli.trainer, "checkpoint_callback", None)
     best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
@@ -61,13 +67,28 @@ def summarise_runs(runs: pd.DataFrame, metrics: Sequence[str], level: float = 0.
     for k, group in runs.groupby("k", sort=True):
         for metric in metrics:
             mean, low, high = t_interval(group[metric].tolist(), level)
-            rows.append({"k": int(k), "metric": metric, "mean": mean, "ci_low": low, "ci_high": high,
-                         "repeats": int(group[metric].notna().sum())})
+            rows.append(
+                {
+                    "k": int(k),
+                    "metric": metric,
+                    "mean": mean,
+                    "ci_low": low,
+                    "ci_high": high,
+                    "repeats": int(group[metric].notna().sum()),
+                }
+            )
     return pd.DataFrame(rows)
 
 
-def run_fewshot(configs: Sequence[str], ks: Sequence[int], repeats: int, out: Path, overrides: Sequence[str] = (),
-                metrics: Sequence[str] | None = None, first_seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+def run_fewshot(
+    configs: Sequence[str],
+    ks: Sequence[int],
+    repeats: int,
+    out: Path,
+    overrides: Sequence[str] = (),
+    metrics: Sequence[str] | None = None,
+    first_seed: int = 0,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run the grid and return ``(runs, summary)`` tables (also written to ``out``)."""
     if repeats < 1 or not ks or any(k < 1 for k in ks):
         raise ValueError(f"need repeats >= 1 and every k >= 1; got k={list(ks)}, repeats={repeats}.")
@@ -85,8 +106,10 @@ def run_fewshot(configs: Sequence[str], ks: Sequence[int], repeats: int, out: Pa
         metrics = {"regression": ["mae", "rmse", "r2"], "survival": ["cindex"]}.get(task, ["auroc", "ap"])
     unknown = [m for m in metrics if m not in runs.columns]
     if unknown:
-        raise ValueError(f"metrics {unknown} are not in the runs' metrics.json; available: "
-                         f"{[c for c in runs.columns if c not in ('k', 'seed', 'task', 'n_test')]}.")
+        raise ValueError(
+            f"metrics {unknown} are not in the runs' metrics.json; available: "
+            f"{[c for c in runs.columns if c not in ('k', 'seed', 'task', 'n_test')]}."
+        )
     summary = summarise_runs(runs, metrics)
     runs.to_csv(out / "fewshot_runs.csv", index=False)
     summary.to_csv(out / "fewshot_summary.csv", index=False)
@@ -98,24 +121,33 @@ def main(argv: list[str]) -> int:
         prog="neurojepa fewshot",
         allow_abbrev=False,
         description="Few-shot grid: for each k and repetition, fit on k training rows per class (per age quartile "
-                    "for regression) drawn with few_shot_seed = repetition, test, and report the mean and 95% CI "
-                    "over repetitions per k. Unknown options (e.g. --trainer.max_epochs 5) are passed to every "
-                    "`neurojepa fit`.",
+        "for regression) drawn with few_shot_seed = repetition, test, and report the mean and 95% CI "
+        "over repetitions per k. Unknown options (e.g. --trainer.max_epochs 5) are passed to every "
+        "`neurojepa fit`.",
     )
-    parser.add_argument("--config", action="append", required=True,
-                        help="experiment YAML (repeatable, stacked like `neurojepa fit --config`)")
+    parser.add_argument(
+        "--config",
+        action="append",
+        required=True,
+        help="experiment YAML (repeatable, stacked like `neurojepa fit --config`)",
+    )
     parser.add_argument("--k", type=int, nargs="+", required=True, help="shots per class, e.g. --k 1 2 4 8 16")
     parser.add_argument("--repeats", type=int, default=5, help="draws per k (paper: 5)")
     parser.add_argument("--first-seed", type=int, default=0, help="few_shot_seed of the first repetition")
     parser.add_argument("--out", default="runs/fewshot", help="output folder (default runs/fewshot)")
-    parser.add_argument("--metrics", nargs="+", default=None,
-                        help="metrics to summarise (default: auroc ap; mae rmse r2 for regression)")
+    parser.add_argument(
+        "--metrics",
+        nargs="+",
+        default=None,
+        help="metrics to summarise (default: auroc ap; mae rmse r2 for regression)",
+    )
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if o.startswith("--data.init_args.k_shot") or o.startswith("--data.init_args.few_shot")]
     if bad:
         parser.error(f"{bad} are set by the tool from --k and the repetition; remove them.")
-    _, summary = run_fewshot(args.config, args.k, args.repeats, Path(args.out), overrides, args.metrics,
-                             args.first_seed)
+    _, summary = run_fewshot(
+        args.config, args.k, args.repeats, Path(args.out), overrides, args.metrics, args.first_seed
+    )
     with pd.option_context("display.width", 120, "display.max_columns", 10):
         print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"\nwritten: {Path(args.out) / 'fewshot_summary.csv'} and {Path(args.out) / 'fewshot_runs.csv'}")

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from data_modules.manifest import load_manifest
+    from neurojepa_pl.data import load_manifest
     from neurojepa_pl.preprocess.qc import TemplateResampler, load_thresholds, run_qc
     from neurojepa_pl.preprocess.qc_report import write_html_report
 

@@ -53,29 +53,49 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--subjects", type=int, required=True, metavar="N", help="number of subjects (patients)")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="cohort seed (default 0)")
     parser.add_argument(
-        "--modalities", nargs="+", default=["T1w", "T2w", "FLAIR"], choices=["T1w", "T2w", "FLAIR"],
+        "--modalities",
+        nargs="+",
+        default=["T1w", "T2w", "FLAIR"],
+        choices=["T1w", "T2w", "FLAIR"],
         help="contrasts to write (default: all three)",
     )
     parser.add_argument(
-        "--grid", type=_grid, default="mni", metavar="mni|model|DxHxW",
+        "--grid",
+        type=_grid,
+        default="mni",
+        metavar="mni|model|DxHxW",
         help="output grid: FSL MNI152 1 mm 182x218x182 (default), the model grid 96x108x96, or e.g. 48x54x48",
     )
     parser.add_argument("--sites", type=int, default=3, metavar="K", help="acquisition sites (default 3)")
     parser.add_argument(
-        "--sessions", type=int, nargs=2, default=(1, 3), metavar=("MIN", "MAX"),
+        "--sessions",
+        type=int,
+        nargs=2,
+        default=(1, 3),
+        metavar=("MIN", "MAX"),
         help="sessions per subject (default 1 3; follow-ups stop at the event/censoring time)",
     )
     parser.add_argument(
-        "--prevalence", type=_prevalence, nargs="+", default=None, metavar="NAME=P",
+        "--prevalence",
+        type=_prevalence,
+        nargs="+",
+        default=None,
+        metavar="NAME=P",
         help="pathology prevalences, e.g. tumour=0.4 wmh=0.35 haemorrhage=0.15 infarct=0.15 (these are the defaults)",
     )
     parser.add_argument(
-        "--wmh-scale", type=float, default=1.0, metavar="F",
+        "--wmh-scale",
+        type=float,
+        default=1.0,
+        metavar="F",
         help="multiply every WMH volume by F (default 1; the multimodal WMH task uses 4: FLAIR then carries a clear signal)",
     )
     parser.add_argument("--split", action="store_true", help="add a patient-level 60/20/20 train/val/test split column")
     parser.add_argument(
-        "--workers", type=int, default=None, metavar="W",
+        "--workers",
+        type=int,
+        default=None,
+        metavar="W",
         help="parallel worker processes, one torch thread each (default: the usable CPU cores, at most 4 and at most "
         "the number of subjects; the files do not depend on it)",
     )

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 
 def _parse_label(text: str):
-    from data_modules.manifest import LabelSpec
+    from neurojepa_pl.data import LabelSpec
 
     column, sep, spec = text.partition(":")
     if not sep or not column:
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    from data_modules.manifest import load_manifest, validate_manifest
+    from neurojepa_pl.data import load_manifest, validate_manifest
 
     try:
         df = load_manifest(args.manifest)

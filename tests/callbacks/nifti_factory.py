@@ -29,8 +29,17 @@ def write_blob_cohort(root: Path, n_per_split: dict[str, int] | None = None, see
                 volume[5:10, 5:10, 5:10] += 1.5
             path = root / f"{subject}.nii.gz"
             nib.save(nib.Nifti1Image(volume, np.eye(4)), path)
-            rows.append({"subject_id": subject, "session_id": "ses-01", "modality": "T1w", "path": str(path),
-                         "split": split, "blob": blob, "noise_label": int(rng.integers(0, 2))})
+            rows.append(
+                {
+                    "subject_id": subject,
+                    "session_id": "ses-01",
+                    "modality": "T1w",
+                    "path": str(path),
+                    "split": split,
+                    "blob": blob,
+                    "noise_label": int(rng.integers(0, 2)),
+                }
+            )
     manifest = root / "manifest.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     return manifest

@@ -3,9 +3,9 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-
-from callbacks import EMATargetUpdate, ema_update_
 from jepa_tiny import TinyJEPAData, tiny_module, tiny_trainer
+
+from neurojepa_pl.callbacks import EMATargetUpdate, ema_update_
 
 
 def test_ema_update_matches_hand_values():
@@ -41,10 +41,12 @@ class _Snapshots(pl.Callback):
         self.states = []
 
     def _take(self, pl_module):
-        self.states.append((
-            [p.detach().clone() for p in pl_module.target_encoder.parameters()],
-            [p.detach().clone() for p in pl_module.context_encoder.parameters()],
-        ))
+        self.states.append(
+            (
+                [p.detach().clone() for p in pl_module.target_encoder.parameters()],
+                [p.detach().clone() for p in pl_module.context_encoder.parameters()],
+            )
+        )
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._take(pl_module)
@@ -70,11 +72,11 @@ def test_ema_runs_once_per_optimizer_step_under_accumulation(tmp_path):
     trainer.fit(module, datamodule=TinyJEPAData(n=8, batch_size=2))
     assert trainer.global_step == 2 and module.update_step == 2
     (t0, c0), (t1, c1), (t2, c2), (t3, c3), (t4, c4) = snaps.states
-    _assert_lists_close(t0, c0, atol=0)          # the target starts as a copy
-    _assert_lists_close(t1, t0, atol=0)          # micro-batch 1 of 2: no optimizer step, no EMA
+    _assert_lists_close(t0, c0, atol=0)  # the target starts as a copy
+    _assert_lists_close(t1, t0, atol=0)  # micro-batch 1 of 2: no optimizer step, no EMA
     _assert_lists_close(c1, c0, atol=0)
     assert any(not torch.equal(a, b) for a, b in zip(c2, c1))  # step 1 changed the context encoder ...
-    _assert_lists_close(t2, _expected_ema(t1, c2, momentum))   # ... and the target moved once towards it
+    _assert_lists_close(t2, _expected_ema(t1, c2, momentum))  # ... and the target moved once towards it
     _assert_lists_close(t3, t2, atol=0)
     _assert_lists_close(t4, _expected_ema(t3, c4, momentum))
     # buffers: the MoE balance bias is copied to the target; the target never counts routed tokens

@@ -16,19 +16,21 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "modules"))
 from nifti_factory import TINY_SETTINGS, write_blob_cohort  # noqa: E402
 from tiny_data import TinyFinetuneData  # noqa: E402
 
-from callbacks.embedding_writer import EmbeddingWriter, read_embeddings  # noqa: E402
-from data_modules.transforms import TransformSettings  # noqa: E402
+from neurojepa_pl.callbacks.embedding_writer import EmbeddingWriter, read_embeddings  # noqa: E402
+from neurojepa_pl.data.transforms import TransformSettings  # noqa: E402
 from neurojepa_pl.features import extract_features, load_eval_volumes  # noqa: E402
 from neurojepa_pl.models import build_encoder  # noqa: E402
 from neurojepa_pl.modules.downstream import ClassificationModule  # noqa: E402
 
 
 def test_writer_saves_one_row_per_scan_with_metadata(tmp_path):
-    model = ClassificationModule(task="binary", backbone="vit_tiny", head_heads=4,
-                                 backbone_kwargs={"img_size": [16, 16, 16], "patch_size": 8})
+    model = ClassificationModule(
+        task="binary", backbone="vit_tiny", head_heads=4, backbone_kwargs={"img_size": [16, 16, 16], "patch_size": 8}
+    )
     writer = EmbeddingWriter(str(tmp_path / "out" / "embeddings.npz"))
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[writer])
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[writer]
+    )
     data = TinyFinetuneData("binary", batch_size=5)
     trainer.predict(model, data, return_predictions=False)
     embedding, metadata, prediction = read_embeddings(tmp_path / "out" / "embeddings.npz")

@@ -2,11 +2,11 @@
 
 import numpy as np
 import torch
+from jepa_tiny import TinyJEPAData, tiny_module, tiny_trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from callbacks.mask_figure import mask_figure, token_label_volume
-from jepa_tiny import TinyJEPAData, tiny_module, tiny_trainer
+from neurojepa_pl.callbacks.mask_figure import mask_figure, token_label_volume
 
 
 def test_token_label_volume_paints_patches():
@@ -22,8 +22,13 @@ def test_token_label_volume_paints_patches():
 def test_mask_figure_has_one_panel_per_mask_and_view():
     data = TinyJEPAData(n=2, batch_size=2)
     batch = next(iter(data.train_dataloader()))
-    fig = mask_figure(batch["image"][0], [c[0] for c in batch["context_idx"]], [t[0] for t in batch["target_idx"]],
-                      batch["foreground"][0], grid=(8, 9, 8))
+    fig = mask_figure(
+        batch["image"][0],
+        [c[0] for c in batch["context_idx"]],
+        [t[0] for t in batch["target_idx"]],
+        batch["foreground"][0],
+        grid=(8, 9, 8),
+    )
     assert len(fig.axes) == 2 * (3 + 1)
     assert fig.axes[0].get_title().startswith("mask 0: context / target (axial)")
 

@@ -3,9 +3,9 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-
-from callbacks.moe_balance import all_reduce_counts
 from jepa_tiny import TinyJEPAData, tiny_module, tiny_trainer
+
+from neurojepa_pl.callbacks.moe_balance import all_reduce_counts
 
 
 class _InjectCounts(pl.Callback):

@@ -3,9 +3,9 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-
-from callbacks import NonFiniteLossError
 from jepa_tiny import TinyJEPAData, tiny_module, tiny_trainer
+
+from neurojepa_pl.callbacks import NonFiniteLossError
 from neurojepa_pl.modules.pretrain import JEPAPretrainModule
 
 
@@ -32,13 +32,15 @@ class _Record(pl.Callback):
 
     def _take(self, trainer, pl_module):
         opt = trainer.optimizers[0]
-        self.states.append({
-            "context": [p.detach().clone() for p in pl_module.context_encoder.parameters()],
-            "target": [p.detach().clone() for p in pl_module.target_encoder.parameters()],
-            "bias": [m.gate.bias.clone() for m in pl_module.context_encoder.moe_layers()],
-            "adam_steps": [float(s["step"]) for s in opt.state.values()],
-            "update_step": pl_module.update_step,
-        })
+        self.states.append(
+            {
+                "context": [p.detach().clone() for p in pl_module.context_encoder.parameters()],
+                "target": [p.detach().clone() for p in pl_module.target_encoder.parameters()],
+                "bias": [m.gate.bias.clone() for m in pl_module.context_encoder.moe_layers()],
+                "adam_steps": [float(s["step"]) for s in opt.state.values()],
+                "update_step": pl_module.update_step,
+            }
+        )
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._take(trainer, pl_module)
@@ -83,14 +85,16 @@ def test_nan_step_is_skipped_without_side_effects(tmp_path, precision):
 def test_k_nonfinite_steps_in_a_row_stop_training(tmp_path):
     module = _nan_module(nan_batches={1, 2, 3}, max_nonfinite_in_a_row=3)
     trainer = tiny_trainer(tmp_path, max_steps=10)
-    with pytest.warns(UserWarning, match="Non-finite loss"), pytest.raises(
-            NonFiniteLossError, match="3 consecutive optimizer steps had a non-finite loss .*lower lr_peak"):
+    with (
+        pytest.warns(UserWarning, match="Non-finite loss"),
+        pytest.raises(NonFiniteLossError, match="3 consecutive optimizer steps had a non-finite loss .*lower lr_peak"),
+    ):
         trainer.fit(module, datamodule=TinyJEPAData(n=8, batch_size=2))
     assert module.update_step == 1
 
 
 def test_guard_state_round_trips():
-    from callbacks import NonFiniteLossGuard
+    from neurojepa_pl.callbacks import NonFiniteLossGuard
 
     guard = NonFiniteLossGuard(max_consecutive=4)
     guard.consecutive, guard.total = 2, 7

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).parent))
 from nifti_factory import TINY_SETTINGS, write_blob_cohort  # noqa: E402
 
-from callbacks.online_probe import OnlineProbeMonitor  # noqa: E402
+from neurojepa_pl.callbacks.online_probe import OnlineProbeMonitor  # noqa: E402
 from neurojepa_pl.models import build_encoder  # noqa: E402
 
 
@@ -35,9 +35,19 @@ class TinyPretrain(L.LightningModule):
 
 
 def _monitor(manifest, **kwargs):
-    return OnlineProbeMonitor(str(manifest), ["blob", "noise_label"], every_n_epochs=2, probe_epochs=10,
-                              probe_lr=1e-2, probe_weight_decay=0.0, probe_depth=1, probe_heads=4, batch_size=8,
-                              **TINY_SETTINGS, **kwargs)
+    return OnlineProbeMonitor(
+        str(manifest),
+        ["blob", "noise_label"],
+        every_n_epochs=2,
+        probe_epochs=10,
+        probe_lr=1e-2,
+        probe_weight_decay=0.0,
+        probe_depth=1,
+        probe_heads=4,
+        batch_size=8,
+        **TINY_SETTINGS,
+        **kwargs,
+    )
 
 
 def test_probe_learns_visible_label_and_leaves_state_untouched(tmp_path):
@@ -54,8 +64,14 @@ def test_probe_learns_visible_label_and_leaves_state_untouched(tmp_path):
         torch.testing.assert_close(v, encoder_state[k])
     assert results["probe/val_auroc/blob"] > 0.9
     assert results["probe/test_auroc/blob"] > 0.9
-    assert set(results) == {"probe/val_auroc/blob", "probe/val_auroc/noise_label", "probe/val_auroc_macro",
-                            "probe/test_auroc/blob", "probe/test_auroc/noise_label", "probe/test_auroc_macro"}
+    assert set(results) == {
+        "probe/val_auroc/blob",
+        "probe/val_auroc/noise_label",
+        "probe/val_auroc_macro",
+        "probe/test_auroc/blob",
+        "probe/test_auroc/noise_label",
+        "probe/test_auroc_macro",
+    }
     # Same seed and epoch -> same probe.
     assert monitor.run_probe(None, module.target_encoder, torch.device("cpu"), epoch=1) == results
 
@@ -68,8 +84,15 @@ def test_probe_runs_every_n_epochs_inside_fit(tmp_path):
     original = monitor.run_probe
     monitor.run_probe = lambda *a, **k: calls.append(a[-1]) or original(*a, **k)
     loader = DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4)
-    trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor])
+    trainer = L.Trainer(
+        max_epochs=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[monitor],
+    )
     trainer.fit(TinyPretrain(), loader)
     assert calls == [1, 3]  # after epochs 2 and 4
     assert "probe/val_auroc/blob" in trainer.callback_metrics

@@ -8,7 +8,7 @@ from volume_factory import TINY_CROP, TINY_RESIZE
 
 @pytest.fixture
 def tiny_settings():
-    from data_modules.transforms import TransformSettings
+    from neurojepa_pl.data.transforms import TransformSettings
 
     return TransformSettings(pad_crop_size=None, target_spacing=None, resize_to=TINY_RESIZE, spatial_size=TINY_CROP)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data_modules.collate import JEPAMaskCollator, stack_masks
+from neurojepa_pl.data_modules.collate import JEPAMaskCollator, stack_masks
 from neurojepa_pl.masks import foreground_token_map, paper_mask_generators, vjepa2_mask_generators
 
 GRID = (4, 4, 4)

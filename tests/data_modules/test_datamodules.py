@@ -12,16 +12,16 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from volume_factory import TINY_CROP, TINY_PATCH, make_cohort, truncate_file
 
-from data_modules.base import EpochSampler
-from data_modules.datasets import TooManyFailedScans
-from data_modules.finetune import (
+from neurojepa_pl.data import ManifestError
+from neurojepa_pl.data_modules.base import EpochSampler
+from neurojepa_pl.data_modules.datasets import TooManyFailedScans
+from neurojepa_pl.data_modules.finetune import (
     FinetuneDataModule,
     class_balanced_weights,
     few_shot_subset,
     multilabel_balanced_weights,
 )
-from data_modules.manifest import ManifestError
-from data_modules.pretrain import PretrainDataModule
+from neurojepa_pl.data_modules.pretrain import PretrainDataModule
 
 
 def _subjects(dataset):
@@ -471,7 +471,7 @@ def test_synthbrain_cohort_end_to_end(synth_cohort, tiny_dm_kwargs):
 
 
 def validate_manifest_full(path):
-    from data_modules.manifest import validate_manifest
+    from neurojepa_pl.data import validate_manifest
 
     return validate_manifest(path, check_readable=True)
 
@@ -484,4 +484,8 @@ def test_unstratifiable_automatic_split_names_the_fix(tmp_path, tiny_dm_kwargs):
     relaxed = FinetuneDataModule(
         str(manifest), task="binary", label_columns=["tumour"], stratify_split=False, **tiny_dm_kwargs
     )
-    assert relaxed.load_frame()["split"].value_counts().to_dict() == {"train": 3, "val": 1, "test": 2}  # sklearn rounds test up
+    assert relaxed.load_frame()["split"].value_counts().to_dict() == {
+        "train": 3,
+        "val": 1,
+        "test": 2,
+    }  # sklearn rounds test up

@@ -12,8 +12,8 @@ import torch
 from monai.transforms import LoadImaged
 from volume_factory import TINY_CROP, TINY_RESIZE, blob_volume, truncate_file, write_nifti
 
-from data_modules.datasets import FailureLog, MRIScanDataset, ScanFailure, TooManyFailedScans
-from data_modules.transforms import eval_transforms, pretrain_augmentations
+from neurojepa_pl.data.transforms import eval_transforms, pretrain_augmentations
+from neurojepa_pl.data_modules.datasets import FailureLog, MRIScanDataset, ScanFailure, TooManyFailedScans
 
 
 def _records(tmp_path, n=3):
@@ -29,7 +29,9 @@ def _pt_files(dataset):
 
 
 def test_samples_shapes_ranges_and_metadata(tmp_path, tiny_settings):
-    ds = MRIScanDataset(_records(tmp_path), tiny_settings, cache_dir=tmp_path / "cache", augment=eval_transforms(tiny_settings))
+    ds = MRIScanDataset(
+        _records(tmp_path), tiny_settings, cache_dir=tmp_path / "cache", augment=eval_transforms(tiny_settings)
+    )
     assert ds.preload() == []
     sample = ds[1]
     assert sample["image"].shape == (1, *TINY_CROP) and sample["image"].dtype == torch.float32
@@ -141,12 +143,16 @@ def test_replaced_file_is_not_served_stale(tmp_path, tiny_settings):
 
 def test_augmentation_is_a_function_of_seed_epoch_position(tmp_path, tiny_settings):
     recs = _records(tmp_path, n=2)
-    ds = MRIScanDataset(recs, tiny_settings, cache_dir=tmp_path / "cache", augment=pretrain_augmentations(tiny_settings), seed=5)
+    ds = MRIScanDataset(
+        recs, tiny_settings, cache_dir=tmp_path / "cache", augment=pretrain_augmentations(tiny_settings), seed=5
+    )
     ds.preload()
     a = ds[(3, 7, 1)]["image"]
     ds[(0, 0, 0)]  # other draws in between must not matter
     torch.testing.assert_close(ds[(3, 7, 1)]["image"], a)
-    twin = MRIScanDataset(recs, tiny_settings, cache_dir=tmp_path / "cache", augment=pretrain_augmentations(tiny_settings), seed=5)
+    twin = MRIScanDataset(
+        recs, tiny_settings, cache_dir=tmp_path / "cache", augment=pretrain_augmentations(tiny_settings), seed=5
+    )
     torch.testing.assert_close(twin[(3, 7, 1)]["image"], a)
     others = [ds[(4, 7, 1)]["image"], ds[(3, 8, 1)]["image"]]  # another epoch, another position
     assert all(not torch.equal(o, a) for o in others)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import pickle
-from pathlib import Path
 import io
 import json
+import pickle
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,7 +14,9 @@ import pytest
 import torch
 from volume_factory import blob_volume, make_cohort, truncate_file, write_nifti
 
-from data_modules.fast_cache import (
+from neurojepa_pl.data import load_manifest
+from neurojepa_pl.data.transforms import loading_transforms, pretrain_augmentations
+from neurojepa_pl.data_modules.fast_cache import (
     FastCacheDataset,
     _npy_header,
     build_fast_cache,
@@ -22,8 +24,6 @@ from data_modules.fast_cache import (
     dequantize,
     quantize,
 )
-from data_modules.manifest import load_manifest
-from data_modules.transforms import loading_transforms, pretrain_augmentations
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.transforms import AdjustContrast, CenterSpatialCrop, Flip, RandBiasField, RandGaussianNoise, ShiftIntensity
 
-from data_modules.gpu_augment import (
+from neurojepa_pl.data_modules.gpu_augment import (
     AugmentParameters,
     BatchedAugment,
     bias_field_exponents,

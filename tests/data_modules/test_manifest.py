@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from volume_factory import blob_volume, make_cohort, truncate_file, write_manifest, write_nifti
 
-from data_modules.manifest import (
+from neurojepa_pl.data import (
     LabelSpec,
     ManifestError,
     assign_patient_splits,
@@ -273,8 +273,10 @@ def test_patient_split_is_patient_level_sized_and_deterministic():
     assert not out["split"].equals(assign_patient_splits(df, seed=4)["split"])
     shuffled = df.sample(frac=1.0, random_state=0)
     again = assign_patient_splits(shuffled, seed=3)
-    assert again.set_index(["subject_id", "session_id"])["split"].sort_index().equals(
-        out.set_index(["subject_id", "session_id"])["split"].sort_index()
+    assert (
+        again.set_index(["subject_id", "session_id"])["split"]
+        .sort_index()
+        .equals(out.set_index(["subject_id", "session_id"])["split"].sort_index())
     )
     assert check_leakage(out) == []
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 from volume_factory import TINY_CROP, make_cohort, truncate_file
 
-from data_modules.datasets import MRIScanDataset
-from data_modules.manifest import load_manifest, pair_modalities
-from data_modules.multimodal import MultimodalDataModule, modality_dropout
-from data_modules.transforms import TransformSettings, eval_transforms
+from neurojepa_pl.data import load_manifest, pair_modalities
+from neurojepa_pl.data.transforms import TransformSettings, eval_transforms
+from neurojepa_pl.data_modules.datasets import MRIScanDataset
+from neurojepa_pl.data_modules.multimodal import MultimodalDataModule, modality_dropout
 
 # make_cohort: subjects 0-5 train, 6-7 val, 8-9 test; label tumour = subject % 2.
 NO_FLAIR, BROKEN_FLAIR = "001", "002"
@@ -58,8 +58,9 @@ def test_modality_dropout_keeps_a_uniform_nonempty_proper_subset():
     rng = np.random.default_rng(0)
     seen = Counter(tuple(modality_dropout(np.array([1, 1, 1], bool), 1.0, rng)) for _ in range(3000))
     # the 2**3 - 2 = 6 non-empty proper subsets, each about 1/6 of the draws
-    assert set(seen) == {s for s in map(tuple, np.array(np.meshgrid(*[[0, 1]] * 3)).T.reshape(-1, 3).astype(bool))
-                         if 0 < sum(s) < 3}
+    assert set(seen) == {
+        s for s in map(tuple, np.array(np.meshgrid(*[[0, 1]] * 3)).T.reshape(-1, 3).astype(bool)) if 0 < sum(s) < 3
+    }
     assert all(400 < c < 600 for c in seen.values()), seen
 
 
@@ -103,8 +104,9 @@ def test_slots_hold_each_modality_in_order(cohort, dm_kwargs):
     val = dm.datasets["val"]
     assert _subjects(val) == ["006", "007"]
     sample = val[0]
-    settings = TransformSettings(pad_crop_size=None, target_spacing=None, resize_to=dm.settings.resize_to,
-                                 spatial_size=TINY_CROP)
+    settings = TransformSettings(
+        pad_crop_size=None, target_spacing=None, resize_to=dm.settings.resize_to, spatial_size=TINY_CROP
+    )
     for slot, column in enumerate(["t1w_path", "t2w_path"]):
         alone = MRIScanDataset([{"path": sample[column]}], settings, augment=eval_transforms(settings))[0]["image"]
         assert torch.equal(sample["images"][slot], alone)

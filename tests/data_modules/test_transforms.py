@@ -1,4 +1,4 @@
-"""Loading chain (SPEC 1.2) and augmentations (SPEC 1.4/1.5): order, shapes, ranges, oracles, seeding, digest."""
+"""Loading chain (docs/method.md §1.2) and augmentations (docs/method.md §1.4/1.5): order, shapes, ranges, oracles, seeding, digest."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from monai.transforms import (
 )
 from volume_factory import TINY_CROP, TINY_RESIZE, blob_volume, write_nifti
 
-from data_modules.transforms import (
+from neurojepa_pl.data.transforms import (
     ScanRejected,
     TransformSettings,
     augmentation_seed,
@@ -57,7 +57,7 @@ def test_defaults_are_the_paper_chain():
         Resized,
     ]
     positions = [order.index(t) for t in expected]
-    assert positions == sorted(positions), f"SPEC 1.2 order violated: {order}"
+    assert positions == sorted(positions), f"docs/method.md §1.2 order violated: {order}"
 
 
 def test_digest_stable_and_sensitive_to_every_cache_field():
@@ -238,9 +238,7 @@ def test_augmentation_seeded_shape_and_reproducible(tiny_settings, small_setting
     b = seed_augmentation(aug, 11)({"image": x.clone()})["image"]
     assert a.shape == (1, 8, 9, 8)
     torch.testing.assert_close(a, b)
-    differing = sum(
-        not torch.equal(a, seed_augmentation(aug, s)({"image": x.clone()})["image"]) for s in range(12, 20)
-    )
+    differing = sum(not torch.equal(a, seed_augmentation(aug, s)({"image": x.clone()})["image"]) for s in range(12, 20))
     assert differing >= 7  # with 7 coin flips at p >= 0.1, nearly every seed changes something
 
 
@@ -251,7 +249,7 @@ def test_augmentation_parameters_follow_spec(tiny_settings):
     assert [t.prob for t in fine if isinstance(t, RandFlipd)] == [0.1, 0.1, 0.1]
     assert [t.flipper.spatial_axis for t in pre if isinstance(t, RandFlipd)] == [0, 1, 2]
     assert any(isinstance(t, RandBiasFieldd) for t in pre) and not any(isinstance(t, RandBiasFieldd) for t in fine)
-    assert isinstance(pre[1], CenterSpatialCropd)  # central, not random, crop (SPEC 1.4)
+    assert isinstance(pre[1], CenterSpatialCropd)  # central, not random, crop (docs/method.md §1.4)
 
 
 def test_pretrain_flip_statistics(small_settings):

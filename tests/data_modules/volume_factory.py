@@ -93,8 +93,6 @@ def make_cohort(
                 }
                 if with_split:
                     row["split"] = "train" if s < 0.6 * n_subjects else ("val" if s < 0.8 * n_subjects else "test")
-                row.update(
-                    labels(s) if labels is not None else {"tumour": s % 2, "age": 40 + s, "sex": "MF"[s % 2]}
-                )
+                row.update(labels(s) if labels is not None else {"tumour": s % 2, "age": 40 + s, "sex": "MF"[s % 2]})
                 rows.append(row)
     return write_manifest(root / "manifest.csv", rows)

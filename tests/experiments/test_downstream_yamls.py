@@ -8,19 +8,28 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from downstream_tiny import tiny_overrides
+
 from neurojepa_pl.cli import lightning_main
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
-DOWNSTREAM_YAMLS = sorted(p for folder in ("finetune", "fewshot", "survival") for p in (EXPERIMENTS / folder).glob("*.yaml"))
+DOWNSTREAM_YAMLS = sorted(
+    p for folder in ("finetune", "fewshot", "survival") for p in (EXPERIMENTS / folder).glob("*.yaml")
+)
 
 
 def test_all_downstream_yamls_are_collected():
     names = {p.name for p in DOWNSTREAM_YAMLS}
-    assert {"synth_tumour_probe.yaml", "synth_findings_multilabel.yaml", "synth_age_regression.yaml",
-            "synth_tumour_cnn.yaml", "neurojepa_finetune.yaml", "synth_tumour_fewshot.yaml", "synth_survival.yaml",
-            "neurojepa_tte.yaml"} <= names
+    assert {
+        "synth_tumour_probe.yaml",
+        "synth_findings_multilabel.yaml",
+        "synth_age_regression.yaml",
+        "synth_tumour_cnn.yaml",
+        "neurojepa_finetune.yaml",
+        "synth_tumour_fewshot.yaml",
+        "synth_survival.yaml",
+        "neurojepa_tte.yaml",
+    } <= names
 
 
 @pytest.mark.slow
@@ -28,9 +37,20 @@ def test_all_downstream_yamls_are_collected():
 def test_yaml_fits_and_tests_on_tiny_cohort(config, synth_cohort, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative runs/ and cache/ folders of the YAML land in the test's folder
     out = tmp_path / "report"
-    cli = lightning_main(["fit", "--config", str(config), *tiny_overrides(synth_cohort),
-                          "--model.init_args.output_dir", str(out), "--model.init_args.n_bootstrap", "20",
-                          "--trainer.default_root_dir", str(tmp_path)])
+    cli = lightning_main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            *tiny_overrides(synth_cohort),
+            "--model.init_args.output_dir",
+            str(out),
+            "--model.init_args.n_bootstrap",
+            "20",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
+    )
     assert cli.trainer.state.finished
     cli.trainer.test(cli.model, datamodule=cli.datamodule)
     report = json.loads((out / "metrics.json").read_text())

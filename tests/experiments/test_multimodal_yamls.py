@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from downstream_tiny import tiny_overrides
+
 from neurojepa_pl.cli import lightning_main
 
 YAML_DIR = Path(__file__).resolve().parents[2] / "experiments" / "multimodal"
@@ -29,8 +29,17 @@ def shared_cache(tmp_path_factory) -> Path:
 def test_yaml_fits_and_tests_at_tiny_size(config, synth_cohort, shared_cache, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the YAMLs log under ./runs
     out = tmp_path / "report"
-    args = ["--config", str(config), *tiny_overrides(synth_cohort), "--data.init_args.cache_dir", str(shared_cache),
-            "--model.init_args.output_dir", str(out), "--model.init_args.n_bootstrap", "20"]
+    args = [
+        "--config",
+        str(config),
+        *tiny_overrides(synth_cohort),
+        "--data.init_args.cache_dir",
+        str(shared_cache),
+        "--model.init_args.output_dir",
+        str(out),
+        "--model.init_args.n_bootstrap",
+        "20",
+    ]
     lightning_main(["fit", *args])
     lightning_main(["test", *args])
     report = json.loads((out / "metrics.json").read_text())

@@ -7,8 +7,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import yaml
-
 from jepa_tiny import TinyJEPAData, tiny_module, write_tiny_cohort
+
 from neurojepa_pl.cli import lightning_main
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
@@ -22,15 +22,41 @@ TINY_MODEL = "{img_size: [32,36,32], patch_size: 4}"
 def tiny_args(manifest: str, tmp_path: Path, encoder: str = "vit_tiny_moe") -> list[str]:
     """The convention every pretraining YAML accepts (tests/README of the experiments)."""
     return [
-        "--model.init_args.encoder", encoder, "--model.init_args.encoder_overrides", TINY_MODEL,
-        "--model.init_args.predictor", "predictor_tiny", "--model.init_args.predictor_overrides", TINY_MODEL,
-        "--data.init_args.manifest", manifest, "--data.init_args.spatial_size", "[32,36,32]",
-        "--data.init_args.resize_to", "[34,40,34]", "--data.init_args.pad_crop_size", "null",
-        "--data.init_args.target_spacing", "null", "--data.init_args.patch_size", "4",
-        "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
-        "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu", "--trainer.precision", "32",
+        "--model.init_args.encoder",
+        encoder,
+        "--model.init_args.encoder_overrides",
+        TINY_MODEL,
+        "--model.init_args.predictor",
+        "predictor_tiny",
+        "--model.init_args.predictor_overrides",
+        TINY_MODEL,
+        "--data.init_args.manifest",
+        manifest,
+        "--data.init_args.spatial_size",
+        "[32,36,32]",
+        "--data.init_args.resize_to",
+        "[34,40,34]",
+        "--data.init_args.pad_crop_size",
+        "null",
+        "--data.init_args.target_spacing",
+        "null",
+        "--data.init_args.patch_size",
+        "4",
+        "--data.init_args.batch_size",
+        "2",
+        "--data.init_args.num_workers",
+        "0",
+        "--trainer.fast_dev_run",
+        "1",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.precision",
+        "32",
         # keep every file the run writes inside tmp_path
-        "--data.init_args.cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path / "root"),
+        "--data.init_args.cache_dir",
+        str(tmp_path / "cache"),
+        "--trainer.default_root_dir",
+        str(tmp_path / "root"),
     ]
 
 
@@ -52,8 +78,15 @@ def phase1_checkpoint(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("phase1")
     overrides = {"img_size": [32, 36, 32], "patch_size": 4}
     module = tiny_module(encoder_overrides=overrides, predictor_overrides=overrides)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=out)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+    )
     trainer.fit(module, datamodule=TinyJEPAData(n=4, batch_size=2))
     path = out / "phase1.ckpt"
     trainer.save_checkpoint(path)
@@ -108,6 +141,12 @@ def test_trainer_fragments_stack_on_the_base(fragment, capsys):
 
 
 def test_cpu_fragment_trains(manifest, tmp_path):
-    args = ["fit", "--config", str(BASE), "--config", str(EXPERIMENTS / "trainer" / "cpu.yaml"),
-            *tiny_args(manifest, tmp_path)]
+    args = [
+        "fit",
+        "--config",
+        str(BASE),
+        "--config",
+        str(EXPERIMENTS / "trainer" / "cpu.yaml"),
+        *tiny_args(manifest, tmp_path),
+    ]
     assert lightning_main(args).model.update_step == 1

@@ -72,8 +72,9 @@ def test_linear_cox_fit_matches_scikit_survival(ties):
     oracle = CoxPHSurvivalAnalysis(alpha=0, ties=ties).fit(x, Surv.from_arrays(event, time)).coef_
     w = torch.zeros(2, dtype=torch.float64, requires_grad=True)
     xt, tt, et = torch.tensor(x), torch.tensor(time), torch.tensor(event)
-    opt = torch.optim.LBFGS([w], max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w], max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         opt.zero_grad()
@@ -125,4 +126,4 @@ def test_gathered_risk_sets_across_two_ranks_equal_single_process(tmp_path):
         torch.testing.assert_close(result["time"], time)
         # Every rank's loss is the global loss, so the gathered backward sums world_size identical contributions;
         # DDP's gradient averaging divides that back to the single-process gradient.
-        torch.testing.assert_close(result["grad"], 2 * ref_h.grad[splits[rank]:splits[rank + 1]])
+        torch.testing.assert_close(result["grad"], 2 * ref_h.grad[splits[rank] : splits[rank + 1]])

@@ -1,4 +1,4 @@
-"""Foreground-aware JEPA loss (SPEC 6.2) against hand computations."""
+"""Foreground-aware JEPA loss (docs/method.md §6.2) against hand computations."""
 
 from __future__ import annotations
 

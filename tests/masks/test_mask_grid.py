@@ -1,4 +1,4 @@
-"""6-neighbour fronts and index extraction on hand-made grids, including the edge semantics of SPEC 5.2."""
+"""6-neighbour fronts and index extraction on hand-made grids, including the edge semantics of docs/method.md §5.2."""
 
 from __future__ import annotations
 

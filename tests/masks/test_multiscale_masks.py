@@ -1,4 +1,4 @@
-"""Multiscale block masks (SPEC 5.1, 5.2): exact counts, partition, determinism, scale statistics, the phase-2
+"""Multiscale block masks (docs/method.md §5.1, 5.2): exact counts, partition, determinism, scale statistics, the phase-2
 ordering rules on hand-made cases, phase 2b, and the foreground preference on a synthetic ellipsoid brain."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def _assert_partition(context: torch.Tensor, target: torch.Tensor, num_tokens: i
 
 
 def _ellipsoid_brain(grid=(8, 9, 8)) -> torch.Tensor:
-    """Token foreground of an ellipsoid filling 94% of each half-axis: 332 of 576 tokens on 8x9x8 (SPEC 5.3)."""
+    """Token foreground of an ellipsoid filling 94% of each half-axis: 332 of 576 tokens on 8x9x8 (docs/method.md §5.3)."""
     axes = [torch.arange(g, dtype=torch.float32) for g in grid]
     i0, i1, i2 = torch.meshgrid(*axes, indexing="ij")
     centre = [(g - 1) / 2 for g in grid]
@@ -74,7 +74,7 @@ def test_samples_in_a_batch_differ():
 
 
 def test_block_size_means_match_the_reference_measurement():
-    # SPEC 5.1 measured mean (d, h, w) per generator: (4.0, 2.6, 2.5), (4.0, 5.1, 4.8), (4.0, 6.7, 6.4).
+    # docs/method.md §5.1 measured mean (d, h, w) per generator: (4.0, 2.6, 2.5), (4.0, 5.1, 4.8), (4.0, 6.7, 6.4).
     expected = [(4.0, 2.6, 2.5), (4.0, 5.1, 4.8), (4.0, 6.7, 6.4)]
     generator = _gen(0)
     for mask_gen, means in zip(paper_mask_generators(), expected):
@@ -102,14 +102,15 @@ def test_phase1_blocks_stay_inside_the_grid_and_mask_something():
     generator = _gen(3)
     kept = [mask_gen.place_blocks(generator) for _ in range(50)]
     assert all(k.shape == (8, 9, 8) and (~k).any() for k in kept)
-    # Large blocks: phase 1 keeps about 192 tokens on average (SPEC 5.2 measured 192).
+    # Large blocks: phase 1 keeps about 192 tokens on average (docs/method.md §5.2 measured 192).
     assert 170 < torch.stack(kept).sum((1, 2, 3)).float().mean() < 215
 
 
 def _line_generator(foreground_aware: bool = True) -> MultiscaleBlockMaskGenerator:
     # A 1x1x10 line with mask ratio 0.5: 5 context, 5 target tokens.
-    return MultiscaleBlockMaskGenerator((1, 1, 10), num_blocks=1, spatial_scale=(1.0, 1.0), mask_ratio=0.5,
-                                        foreground_aware=foreground_aware)
+    return MultiscaleBlockMaskGenerator(
+        (1, 1, 10), num_blocks=1, spatial_scale=(1.0, 1.0), mask_ratio=0.5, foreground_aware=foreground_aware
+    )
 
 
 def _line(kept_ids) -> torch.Tensor:
@@ -156,8 +157,9 @@ def test_foreground_aware_false_ignores_the_map():
 def test_phase_2b_random_fallback_when_everything_is_masked():
     # One block covering the whole 4x4x4 grid: phase 1 masks all 64 tokens, there is no dilation front, and only
     # phase 2b can bring the context to 16.
-    full = MultiscaleBlockMaskGenerator((4, 4, 4), num_blocks=1, spatial_scale=(1.0, 1.0), depth_scale=(1.0, 1.0),
-                                        aspect_ratio=(1.0, 1.0))
+    full = MultiscaleBlockMaskGenerator(
+        (4, 4, 4), num_blocks=1, spatial_scale=(1.0, 1.0), depth_scale=(1.0, 1.0), aspect_ratio=(1.0, 1.0)
+    )
     assert not full.place_blocks(_gen(0)).any()
     context, target = full(5, _gen(0))
     assert context.shape == (5, 16) and target.shape == (5, 48)
@@ -173,7 +175,7 @@ def test_phase_2b_random_fallback_when_nothing_is_masked():
 
 
 def test_foreground_awareness_keeps_more_foreground_in_context():
-    # SPEC 5.3 (reference, 332-token ellipsoid): context foreground share 0.38 / 0.28 / 0.38 with awareness,
+    # docs/method.md §5.3 (reference, 332-token ellipsoid): context foreground share 0.38 / 0.28 / 0.38 with awareness,
     # 0.27 / 0.19 / 0.25 without. Ours on this ellipsoid (64 samples, seed 0) is asserted to show a clear gain.
     fg = _ellipsoid_brain()
     assert int(fg.sum()) == 332

@@ -35,8 +35,7 @@ def test_multi_metric_bootstrap_of_auroc_with_stratification():
     rng = np.random.default_rng(0)
     y = np.array([0] * 40 + [1] * 10)
     scores = np.clip(0.3 * y + rng.normal(0.4, 0.2, size=50), 0, 1)
-    out = bootstrap_metrics(lambda t, s: classification_metrics("binary", t, s), y, scores, n_boot=300,
-                            stratify=y)
+    out = bootstrap_metrics(lambda t, s: classification_metrics("binary", t, s), y, scores, n_boot=300, stratify=y)
     for name in ("auroc", "ap", "balanced_accuracy", "selection"):
         value, low, high = out[name]
         assert low <= value <= high

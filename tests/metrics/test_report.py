@@ -19,8 +19,15 @@ from neurojepa_pl.metrics.survival import kaplan_meier_by_risk_group
 
 def test_metrics_json_layout_and_nan_as_null(tmp_path):
     path = tmp_path / "out" / "metrics.json"
-    write_metrics_json(path, {"auroc": (0.9, 0.8, 0.95), "auroc/x": (float("nan"),) * 3}, n=42, task="binary",
-                       n_bootstrap=100, ci_level=0.95, extra={"k_shot": 4})
+    write_metrics_json(
+        path,
+        {"auroc": (0.9, 0.8, 0.95), "auroc/x": (float("nan"),) * 3},
+        n=42,
+        task="binary",
+        n_bootstrap=100,
+        ci_level=0.95,
+        extra={"k_shot": 4},
+    )
     data = json.loads(path.read_text())
     assert data["metrics"]["auroc"] == {"value": 0.9, "ci_low": 0.8, "ci_high": 0.95}
     assert data["metrics"]["auroc/x"] == {"value": None, "ci_low": None, "ci_high": None}
@@ -46,6 +53,7 @@ def test_figures_are_written_and_logged(tmp_path):
     assert log_figures([logger], figs) == 4
     logger.experiment.flush()
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
-    multilabel = roc_pr_figures("multilabel", np.eye(3)[rng.integers(0, 3, 30)], rng.random((30, 3)),
-                                class_names=["a", "b", "c"])
+    multilabel = roc_pr_figures(
+        "multilabel", np.eye(3)[rng.integers(0, 3, 30)], rng.random((30, 3)), class_names=["a", "b", "c"]
+    )
     assert len(multilabel["roc"].axes[0].get_lines()) == 4  # 3 labels + the chance diagonal

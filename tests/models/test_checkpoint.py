@@ -1,5 +1,5 @@
 """Weight I/O: reference key layout (TSV), strict loading, source formats, export round trip, and equality with a
-literal re-implementation of the reference forward (written here from SPEC 2.1-2.2, 3.2 and 4, independent of the
+literal re-implementation of the reference forward (written here from docs/method.md §2.1-2.2, 3.2 and 4, independent of the
 package's modules)."""
 
 from __future__ import annotations
@@ -16,17 +16,15 @@ from safetensors.torch import load_file, save_file
 from neurojepa_pl.models import build_encoder, build_predictor, export_backbone, load_backbone, load_predictor
 from neurojepa_pl.models.checkpoint import native_to_reference, reference_to_native, strip_wrapper_prefixes
 
-# The reference key/shape tables live in ../shared beside the repository root (never copied into the project).
-REFERENCE_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
+# Key, shape and dtype of every tensor of the reference ViT-B-MoE encoder and predictor (bare keys; reference
+# checkpoints prefix them with ``module.backbone.``), read off the reference checkpoint.
+REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 PREFIX = "module.backbone."
 
 
 def _read_tsv(name: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    path = REFERENCE_DIR / name
-    if not path.is_file():
-        pytest.skip(f"{path} is not available on this machine")
     rows = {}
-    for line in path.read_text().splitlines()[1:]:
+    for line in (REFERENCE_DIR / name).read_text().splitlines()[1:]:
         key, shape, dtype = line.split("\t")
         rows[key] = (tuple(json.loads(shape)), dtype)
     return rows
@@ -108,7 +106,9 @@ def _ref_moe(sd, name, x, num_experts, top_k, route_scale=4.0):
 
 
 def _ref_block(sd, name, x, ids, num_heads, h_patches, w_patches, moe):
-    x = x + _ref_attention(sd, f"{name}.attn", _ref_layernorm(sd, f"{name}.norm1", x), ids, num_heads, h_patches, w_patches)
+    x = x + _ref_attention(
+        sd, f"{name}.attn", _ref_layernorm(sd, f"{name}.norm1", x), ids, num_heads, h_patches, w_patches
+    )
     normed = _ref_layernorm(sd, f"{name}.norm2", x)
     if f"{name}.mlp.gate.gate.weight" in sd:
         return x + _ref_moe(sd, f"{name}.mlp", normed, *moe)
@@ -220,7 +220,9 @@ def test_paper_size_reference_checkpoint_from_tsv_loads_strictly(tmp_path):
     context = dict(shared, **{"norm.weight": torch.full((768,), 3.0)})
     predictor = {k: torch.zeros(shape, dtype=dtypes[dtype]) for k, (shape, dtype) in pred_rows.items()}
     path = tmp_path / "e200.pt"
-    torch.save({"encoder": _prefixed(context), "target_encoder": _prefixed(target), "predictor": _prefixed(predictor)}, path)
+    torch.save(
+        {"encoder": _prefixed(context), "target_encoder": _prefixed(target), "predictor": _prefixed(predictor)}, path
+    )
     loaded_target = load_backbone(path, which="target")
     assert sum(p.numel() for p in loaded_target.parameters()) == 122_054_544
     assert loaded_target.config["moe_block_indices"] == [1, 3, 5, 7, 9, 11]

@@ -1,4 +1,4 @@
-"""Attentive and linear heads: shapes, SPEC 8.2 structure and init, masking, and that they can learn."""
+"""Attentive and linear heads: shapes, docs/method.md §8.2 structure and init, masking, and that they can learn."""
 
 import math
 
@@ -18,7 +18,7 @@ def test_attentive_classifier_shapes_and_structure(depth):
     assert head(_tokens()).shape == (3, 5)
     assert head.pool(_tokens()).shape == (3, 32)
     assert len(head.pooler.blocks) == depth - 1
-    # Cross-attention has q and kv projections but no output projection (SPEC 8.2).
+    # Cross-attention has q and kv projections but no output projection (docs/method.md §8.2).
     xattn = head.pooler.cross_attention_block.xattn
     assert {name for name, _ in xattn.named_children()} == {"q", "kv"}
     assert head.pooler.query_tokens.shape == (1, 1, 32)
@@ -48,12 +48,16 @@ def test_residual_rescale_follows_layer_index():
     assert stds[0] == pytest.approx(0.02 / math.sqrt(2), rel=0.1)
     assert stds[1] == pytest.approx(0.02 / math.sqrt(4), rel=0.1)
     assert float(pooler.blocks[1].mlp.fc2.weight.detach().std()) == pytest.approx(0.02 / math.sqrt(4), rel=0.1)
-    assert float(pooler.cross_attention_block.mlp.fc2.weight.detach().std()) == pytest.approx(0.02 / math.sqrt(4), rel=0.1)
+    assert float(pooler.cross_attention_block.mlp.fc2.weight.detach().std()) == pytest.approx(
+        0.02 / math.sqrt(4), rel=0.1
+    )
     # Unscaled layers keep std 0.02; biases start at 0.
     assert float(pooler.blocks[0].attn.qkv.weight.detach().std()) == pytest.approx(0.02, rel=0.1)
     assert float(pooler.blocks[0].attn.qkv.bias.detach().abs().max()) == 0.0
     single = AttentivePooler(embed_dim=256, num_heads=4, depth=1)
-    assert float(single.cross_attention_block.mlp.fc2.weight.detach().std()) == pytest.approx(0.02 / math.sqrt(2), rel=0.1)
+    assert float(single.cross_attention_block.mlp.fc2.weight.detach().std()) == pytest.approx(
+        0.02 / math.sqrt(2), rel=0.1
+    )
 
 
 def test_key_mask_ignores_padded_tokens():

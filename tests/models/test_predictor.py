@@ -56,7 +56,9 @@ def test_batched_equals_per_sample(predictor, inputs):
     context, context_idx, target_idx = inputs
     with torch.no_grad():
         together = predictor(context, context_idx, target_idx)
-        separate = torch.cat([predictor(context[i : i + 1], context_idx[i : i + 1], target_idx[i : i + 1]) for i in range(2)])
+        separate = torch.cat(
+            [predictor(context[i : i + 1], context_idx[i : i + 1], target_idx[i : i + 1]) for i in range(2)]
+        )
     assert torch.allclose(together, separate, atol=1e-5)
 
 

@@ -1,4 +1,4 @@
-"""RoPE position layouts (SPEC 2.2 table) and the rotation itself on hand-computed cases."""
+"""RoPE position layouts (docs/method.md §2.2 table) and the rotation itself on hand-computed cases."""
 
 from __future__ import annotations
 

@@ -6,10 +6,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from jepa_tiny import TINY_DATA_ARGS, tiny_module, write_tiny_cohort
 from lightning.pytorch.strategies import DDPStrategy
 
-from data_modules.pretrain import PretrainDataModule
-from jepa_tiny import TINY_DATA_ARGS, tiny_module, write_tiny_cohort
+from neurojepa_pl.data_modules.pretrain import PretrainDataModule
 from neurojepa_pl.models.moe import balance_bias_update
 
 RATE = 0.05
@@ -28,23 +28,28 @@ class RankRecorder(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         layer = pl_module.context_encoder.moe_layers()[0]
-        self.steps.append({
-            "global_step": trainer.global_step,
-            "context_idx": [c.clone() for c in batch["context_idx"]],
-            "subjects": list(batch["subject_id"]),
-            "counts": layer.counts.clone(),
-            "bias_before": layer.gate.bias.clone(),
-        })
+        self.steps.append(
+            {
+                "global_step": trainer.global_step,
+                "context_idx": [c.clone() for c in batch["context_idx"]],
+                "subjects": list(batch["subject_id"]),
+                "counts": layer.counts.clone(),
+                "bias_before": layer.gate.bias.clone(),
+            }
+        )
 
     def on_train_end(self, trainer, pl_module):
         ddp = trainer.strategy.model
-        torch.save({
-            "steps": self.steps,
-            "state_dict": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
-            "bias_after": pl_module.context_encoder.moe_layers()[0].gate.bias.clone(),
-            "ignored": sorted(getattr(ddp, "parameters_to_ignore", [])),
-            "update_step": pl_module.update_step,
-        }, Path(self.out) / f"rank{trainer.global_rank}.pt")
+        torch.save(
+            {
+                "steps": self.steps,
+                "state_dict": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+                "bias_after": pl_module.context_encoder.moe_layers()[0].gate.bias.clone(),
+                "ignored": sorted(getattr(ddp, "parameters_to_ignore", [])),
+                "update_step": pl_module.update_step,
+            },
+            Path(self.out) / f"rank{trainer.global_rank}.pt",
+        )
 
 
 @pytest.mark.slow
@@ -53,10 +58,19 @@ def test_two_process_ddp(tmp_path):
     module = tiny_module(moe_bias_rate=RATE, ema_momentum=0.9)
     data = PretrainDataModule(manifest=manifest, cache_dir=str(tmp_path / "cache"), seed=3, **TINY_DATA_ARGS)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy=DDPStrategy(start_method="spawn", find_unused_parameters=False),
-        max_steps=2, accumulate_grad_batches=2, precision="32", gradient_clip_val=1.0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[RankRecorder(str(tmp_path))], default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=2,
+        strategy=DDPStrategy(start_method="spawn", find_unused_parameters=False),
+        max_steps=2,
+        accumulate_grad_batches=2,
+        precision="32",
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[RankRecorder(str(tmp_path))],
+        default_root_dir=tmp_path,
     )
     trainer.fit(module, datamodule=data)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]

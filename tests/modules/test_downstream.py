@@ -24,13 +24,27 @@ from neurojepa_pl.metrics.survival import concordance_index  # noqa: E402
 from neurojepa_pl.modules.downstream import ClassificationModule, RegressionModule, SurvivalModule  # noqa: E402
 from neurojepa_pl.modules.finetune_optim import DownstreamSchedule, backbone_layer_id, build_param_groups  # noqa: E402
 
-TINY = dict(backbone="vit_tiny", backbone_kwargs={"img_size": [16, 16, 16], "patch_size": 8}, head_heads=4,
-            head_depth=2, lr=1e-3, warmup_epochs=0, n_bootstrap=50)
+TINY = dict(
+    backbone="vit_tiny",
+    backbone_kwargs={"img_size": [16, 16, 16], "patch_size": 8},
+    head_heads=4,
+    head_depth=2,
+    lr=1e-3,
+    warmup_epochs=0,
+    n_bootstrap=50,
+)
 
 
 def _trainer(max_epochs=2, **kwargs):
-    return L.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, **kwargs)
+    return L.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
 
 
 def _check_report(out: Path, n: int):
@@ -68,8 +82,9 @@ def test_binary_probe_fits_freezes_backbone_and_writes_report(tmp_path):
 
 @pytest.mark.parametrize("task,num_classes", [("multiclass", 3), ("multilabel", 3)])
 def test_multiclass_and_multilabel_report_per_class(tmp_path, task, num_classes):
-    model = ClassificationModule(task=task, num_classes=num_classes, finetune="frozen", head="linear",
-                                 output_dir=str(tmp_path), **TINY)
+    model = ClassificationModule(
+        task=task, num_classes=num_classes, finetune="frozen", head="linear", output_dir=str(tmp_path), **TINY
+    )
     trainer = _trainer(max_epochs=1)
     trainer.fit(model, TinyFinetuneData(task))
     trainer.test(model, TinyFinetuneData(task))
@@ -120,9 +135,16 @@ def test_survival_cindex_is_computed_on_all_predictions(tmp_path):
 
 
 def test_cnn_baseline_fits_and_predicts_embeddings(tmp_path):
-    model = ClassificationModule(task="binary", head="cnn", finetune="full", lr=1e-3, warmup_epochs=0, n_bootstrap=20,
-                                 cnn_kwargs={"widths": [2, 4, 8, 8], "feat_dim": 16, "hidden_dim": 8},
-                                 output_dir=str(tmp_path))
+    model = ClassificationModule(
+        task="binary",
+        head="cnn",
+        finetune="full",
+        lr=1e-3,
+        warmup_epochs=0,
+        n_bootstrap=20,
+        cnn_kwargs={"widths": [2, 4, 8, 8], "feat_dim": 16, "hidden_dim": 8},
+        output_dir=str(tmp_path),
+    )
     assert model.backbone is None
     trainer = _trainer(max_epochs=1)
     trainer.fit(model, TinyFinetuneData("binary"))
@@ -191,7 +213,7 @@ def test_param_groups_with_layer_decay_and_head_scale():
     by_name = {g["name"]: g for g in groups}
     depth = len(encoder.blocks)  # 2 blocks -> layers 0..3
     assert by_name["backbone/layer0/decay"]["lr_scale"] == 0.5 ** (depth + 1)
-    assert by_name["backbone/layer1/decay"]["lr_scale"] == 0.5 ** depth
+    assert by_name["backbone/layer1/decay"]["lr_scale"] == 0.5**depth
     assert by_name["backbone/layer3/no_decay"]["lr_scale"] == 1.0  # final norm
     assert by_name["head/decay"]["lr_scale"] == 10.0 and by_name["head/no_decay"]["wd_scale"] == 0.0
     n_params = sum(p.numel() for g in groups for p in g["params"])
@@ -204,8 +226,15 @@ def test_param_groups_with_layer_decay_and_head_scale():
 
 
 def test_warmup_cosine_schedule_values():
-    s = DownstreamSchedule(lr=1e-3, start_lr=1e-6, final_lr=1e-5, warmup_steps=10, total_steps=110,
-                           weight_decay=0.04, final_weight_decay=0.4)
+    s = DownstreamSchedule(
+        lr=1e-3,
+        start_lr=1e-6,
+        final_lr=1e-5,
+        warmup_steps=10,
+        total_steps=110,
+        weight_decay=0.04,
+        final_weight_decay=0.4,
+    )
     assert s.lr_at(0) == pytest.approx(1e-6)
     assert s.lr_at(5) == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))
     assert s.lr_at(10) == pytest.approx(1e-3)
@@ -215,8 +244,9 @@ def test_warmup_cosine_schedule_values():
 
 
 def test_module_lr_follows_the_schedule(tmp_path):
-    model = ClassificationModule(task="binary", finetune="full", **{**TINY, "lr": 1e-3, "warmup_epochs": 1.0,
-                                                                     "start_lr": 0.0, "final_lr": 0.0})
+    model = ClassificationModule(
+        task="binary", finetune="full", **{**TINY, "lr": 1e-3, "warmup_epochs": 1.0, "start_lr": 0.0, "final_lr": 0.0}
+    )
     seen = []
 
     class Spy(L.Callback):
@@ -249,10 +279,19 @@ def test_prediction_store_gathers_all_ranks_and_drops_padding(tmp_path):
 def test_survival_under_two_process_ddp_gathers_everything(tmp_path):
     # Real Lightning DDP on 2 CPU processes (gloo): Cox risk sets and the test report span both ranks, and the
     # padded duplicate of the distributed sampler is dropped (12 test scans over 2 ranks with batch 5).
-    model = SurvivalModule(finetune="full", output_dir=str(tmp_path), **{**TINY, "backbone": "vit_tiny_moe"},
-                           moe_bias_update_rate=0.01)
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    model = SurvivalModule(
+        finetune="full", output_dir=str(tmp_path), **{**TINY, "backbone": "vit_tiny_moe"}, moe_bias_update_rate=0.01
+    )
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     data = TinyFinetuneData("survival", batch_size=5, n_eval=13)
     trainer.fit(model, data)
     trainer.test(model, data)

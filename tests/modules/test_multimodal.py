@@ -4,24 +4,32 @@ backbone runs once per step on the valid scans only, missing modalities never vo
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import lightning as L
 import pandas as pd
 import pytest
 import torch
-from torch.utils.data import Dataset
-
 from tiny_data import SplitLoaders
+from torch.utils.data import Dataset
 
 from neurojepa_pl.models.fusion import FUSION_HEADS
 from neurojepa_pl.modules.multimodal import MultimodalModule
 
 GRID = (16, 16, 16)
-TINY = dict(backbone="vit_tiny", backbone_kwargs={"img_size": list(GRID), "patch_size": 8}, lr=1e-3,
-            warmup_epochs=0, n_bootstrap=50)
-FUSION_KWARGS = {"avg": {}, "late": {"proj_dim": 32, "num_heads": 4}, "mil": {"hidden_dim": 32},
-                 "poe": {"head_heads": 4}, "poe_joint": {"head_heads": 4}}
+TINY = dict(
+    backbone="vit_tiny",
+    backbone_kwargs={"img_size": list(GRID), "patch_size": 8},
+    lr=1e-3,
+    warmup_epochs=0,
+    n_bootstrap=50,
+)
+FUSION_KWARGS = {
+    "avg": {},
+    "late": {"proj_dim": 32, "num_heads": 4},
+    "mil": {"hidden_dim": 32},
+    "poe": {"head_heads": 4},
+    "poe_joint": {"head_heads": 4},
+}
 
 
 class _Pairs(Dataset):
@@ -43,24 +51,39 @@ class _Pairs(Dataset):
 
     def __getitem__(self, i):
         valid = self.validity[i]
-        return {"images": self.images[i], "validity": valid, "label": self.labels[i],
-                "subject_id": f"sub-{self.seed}-{i:03d}", "session_id": "ses-01",
-                "modality": "+".join(m for m, v in zip(("T1w", "FLAIR"), valid) if v),
-                "path": f"/synthetic/{self.seed}/{i}_T1w.nii.gz"}
+        return {
+            "images": self.images[i],
+            "validity": valid,
+            "label": self.labels[i],
+            "subject_id": f"sub-{self.seed}-{i:03d}",
+            "session_id": "ses-01",
+            "modality": "+".join(m for m, v in zip(("T1w", "FLAIR"), valid) if v),
+            "path": f"/synthetic/{self.seed}/{i}_T1w.nii.gz",
+        }
 
 
 class TinyPairedData(SplitLoaders):
     def __init__(self, n_train=24, n_eval=12, batch_size=6, modality_names=("T1w", "FLAIR"), missing_every=0):
         super().__init__()
         self.task, self.num_classes, self.modality_names = "binary", 2, list(modality_names)
-        self.splits = {"train": _Pairs(n_train, 0, missing_every), "val": _Pairs(n_eval, 1, missing_every),
-                       "test": _Pairs(n_eval, 2, missing_every)}
+        self.splits = {
+            "train": _Pairs(n_train, 0, missing_every),
+            "val": _Pairs(n_eval, 1, missing_every),
+            "test": _Pairs(n_eval, 2, missing_every),
+        }
         self.batch_size = batch_size
 
 
 def _trainer(max_epochs=2, **kwargs):
-    return L.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, **kwargs)
+    return L.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
 
 
 def _model(fusion, **kwargs):
@@ -110,10 +133,16 @@ def test_missing_modality_never_votes_through_the_module(fusion):
         # with FLAIR missing, logit averaging / PoE give exactly the T1w path's output
         tokens = model.encode_modalities(data.images, validity)
         with torch.no_grad():
-            t1w_only = (model.head.classifiers[0](tokens[:, 0]) if fusion == "avg"
-                        else torch.log_softmax(model.head.experts[0](tokens[:, 0]), -1))
-            assert torch.allclose(model(data.images, validity)[validity[:, 1].logical_not()],
-                                  t1w_only[validity[:, 1].logical_not()], atol=1e-5)
+            t1w_only = (
+                model.head.classifiers[0](tokens[:, 0])
+                if fusion == "avg"
+                else torch.log_softmax(model.head.experts[0](tokens[:, 0]), -1)
+            )
+            assert torch.allclose(
+                model(data.images, validity)[validity[:, 1].logical_not()],
+                t1w_only[validity[:, 1].logical_not()],
+                atol=1e-5,
+            )
 
 
 def test_predict_returns_probabilities_and_valid_modality_embeddings():
@@ -172,8 +201,11 @@ def test_setup_rejects_a_different_modality_order():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"fusion": "early"}, "fusion must be"), ({"task": "regression"}, "binary and multiclass"),
-     ({"finetune": "frozen"}, "'full' or 'probe'")],
+    [
+        ({"fusion": "early"}, "fusion must be"),
+        ({"task": "regression"}, "binary and multiclass"),
+        ({"finetune": "frozen"}, "'full' or 'probe'"),
+    ],
 )
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -8,8 +8,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-
 from jepa_tiny import TinyJEPAData, tiny_module, tiny_trainer
+
 from neurojepa_pl.modules.pretrain import effective_rank, feature_std, gather_tokens, patchify
 
 
@@ -20,7 +20,7 @@ def batch():
 
 
 def _per_mask_reference_loss(module, batch, bg_weight=0.1):
-    """The reference's loop: one encoder + one predictor forward per mask, explicit weights (SPEC 6.2)."""
+    """The reference's loop: one encoder + one predictor forward per mask, explicit weights (docs/method.md §6.2)."""
     images = batch["image"]
     with torch.no_grad():
         h = module.target_encoder(images)
@@ -30,7 +30,7 @@ def _per_mask_reference_loss(module, batch, bg_weight=0.1):
         z = module.context_encoder(images, masks=c)
         pred = module.predictor(z, c, t, mask_index=0)
         target = torch.stack([h[b, t[b]] for b in range(images.shape[0])])
-        per_token = (pred - target).abs().mean(-1)                                   # [B, Kt]
+        per_token = (pred - target).abs().mean(-1)  # [B, Kt]
         fg = torch.stack([batch["foreground"][b, t[b]] for b in range(images.shape[0])]).float()
         w = bg_weight + (1 - bg_weight) * fg
         w = w / w.mean(-1, keepdim=True)
@@ -73,7 +73,7 @@ def test_target_encoder_is_a_frozen_copy_kept_in_eval(batch):
     module.train()
     assert module.training and module.context_encoder.training and not module.target_encoder.training
     module.compute_loss(batch)
-    assert int(module.target_encoder.moe_layers()[0].counts.sum()) == 0       # the target never counts
+    assert int(module.target_encoder.moe_layers()[0].counts.sum()) == 0  # the target never counts
     assert int(module.context_encoder.moe_layers()[0].counts.sum()) == 3 * 2 * 144 * 2
 
 
@@ -97,7 +97,9 @@ def test_optimizer_groups_follow_the_reference_rule():
     assert optimizer.param_groups[0]["lr"] == module.schedule.at(1).lr
     # DDP must not broadcast the per-rank MoE routing counts
     assert module._ddp_params_and_buffers_to_ignore == [
-        "context_encoder.blocks.1.mlp.counts", "target_encoder.blocks.1.mlp.counts"]
+        "context_encoder.blocks.1.mlp.counts",
+        "target_encoder.blocks.1.mlp.counts",
+    ]
 
 
 class _ClipProbe(pl.Callback):
@@ -121,15 +123,15 @@ def test_gradients_are_clipped_and_the_pre_clip_norm_logged(tmp_path):
 
 def test_patchify_puts_each_token_s_voxels_in_its_row():
     images = torch.arange(2 * 1 * 4 * 6 * 4, dtype=torch.float32).reshape(2, 1, 4, 6, 4)
-    patches = patchify(images, (2, 3, 2))                     # patch 2x2x2, 12 tokens of 8 voxels
+    patches = patchify(images, (2, 3, 2))  # patch 2x2x2, 12 tokens of 8 voxels
     assert patches.shape == (2, 12, 8)
-    token = 3 * 2 * 1 + 2 * 2 + 1                              # (i0, i1, i2) = (1, 2, 1)
+    token = 3 * 2 * 1 + 2 * 2 + 1  # (i0, i1, i2) = (1, 2, 1)
     torch.testing.assert_close(patches[1, token], images[1, 0, 2:4, 4:6, 2:4].reshape(-1))
 
 
 def test_pixel_target_regresses_normalised_patches(batch):
     module = tiny_module(target="pixel")
-    assert module.pixel_head.out_features == 4 ** 3
+    assert module.pixel_head.out_features == 4**3
     targets = module.target_features(batch["image"])
     assert tuple(targets.shape) == (2, 576, 64)
     torch.testing.assert_close(targets.mean(-1), torch.zeros(2, 576), rtol=0, atol=1e-4)
@@ -160,7 +162,7 @@ def test_collapse_indicators():
     g = torch.Generator().manual_seed(0)
     spread = torch.randn(4096, 8, generator=g)
     assert effective_rank(spread).item() == pytest.approx(8, rel=0.05)
-    line = torch.randn(4096, 1, generator=g) * torch.ones(1, 8)   # every row on one line: rank 1
+    line = torch.randn(4096, 1, generator=g) * torch.ones(1, 8)  # every row on one line: rank 1
     assert effective_rank(line).item() == pytest.approx(1, abs=1e-3)
     assert feature_std(torch.ones(10, 3)).item() == 0.0
     assert feature_std(torch.tensor([[0.0], [2.0]])).item() == pytest.approx(math.sqrt(2))
@@ -208,9 +210,8 @@ def test_init_from_loads_weights_and_adamw_state_and_restarts_the_counter(tmp_pa
 
 @pytest.mark.slow
 def test_loss_falls_on_a_short_run(tmp_path):
-    from lightning.pytorch.loggers import CSVLogger
-
     import pandas as pd
+    from lightning.pytorch.loggers import CSVLogger
 
     module = tiny_module(warmup_steps=10, total_steps=50, lr_peak=2e-3, ema_momentum=(0.99, 0.999))
     trainer = tiny_trainer(tmp_path, max_steps=50, logger=CSVLogger(tmp_path), log_every_n_steps=1)
@@ -222,8 +223,17 @@ def test_loss_falls_on_a_short_run(tmp_path):
 
 # ------------------------------------------------------------------------------------------------- GPU only
 def _gpu_trainer(tmp_path, **kwargs):
-    args = dict(accelerator="gpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0, default_root_dir=tmp_path)
+    args = dict(
+        accelerator="gpu",
+        devices=1,
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+        default_root_dir=tmp_path,
+    )
     args.update(kwargs)
     return pl.Trainer(**args)
 
@@ -256,7 +266,8 @@ def test_fsdp_single_gpu_matches_the_plain_run(tmp_path):
     sharded = copy.deepcopy(plain)
     plain_loss, sharded_loss = _FirstLoss(), _FirstLoss()
     _gpu_trainer(tmp_path, precision="32-true", callbacks=[plain_loss]).fit(
-        plain, datamodule=TinyJEPAData(n=4, batch_size=2))
+        plain, datamodule=TinyJEPAData(n=4, batch_size=2)
+    )
     trainer = _gpu_trainer(tmp_path, precision="32-true", strategy="fsdp", callbacks=[sharded_loss])
     trainer.fit(sharded, datamodule=TinyJEPAData(n=4, batch_size=2))
 

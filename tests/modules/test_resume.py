@@ -14,10 +14,10 @@ optimisation state itself is still restored exactly).
 import lightning.pytorch as pl
 import pytest
 import torch
+from jepa_tiny import TINY_DATA_ARGS, tiny_module, tiny_trainer, write_tiny_cohort
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from data_modules.pretrain import PretrainDataModule
-from jepa_tiny import TINY_DATA_ARGS, tiny_module, tiny_trainer, write_tiny_cohort
+from neurojepa_pl.data_modules.pretrain import PretrainDataModule
 
 STEPS_PER_EPOCH = 4  # 8 scans, batch 2, drop_last
 
@@ -38,12 +38,16 @@ def _run(tmp_path, manifest, max_steps, ckpt_path=None, checkpoint_dir=None):
     record = _RecordData()
     callbacks = [record]
     if checkpoint_dir is not None:
-        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="{step}", every_n_train_steps=STEPS_PER_EPOCH,
-                                         save_top_k=-1))
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=checkpoint_dir, filename="{step}", every_n_train_steps=STEPS_PER_EPOCH, save_top_k=-1
+            )
+        )
     module = tiny_module(ema_momentum=0.9, moe_bias_rate=1e-2, warmup_steps=3, total_steps=8, cooldown_steps=2)
     data = PretrainDataModule(manifest=manifest, cache_dir=str(tmp_path / "cache"), seed=7, **TINY_DATA_ARGS)
-    trainer = tiny_trainer(tmp_path, max_steps=max_steps, callbacks=callbacks,
-                           enable_checkpointing=checkpoint_dir is not None)
+    trainer = tiny_trainer(
+        tmp_path, max_steps=max_steps, callbacks=callbacks, enable_checkpointing=checkpoint_dir is not None
+    )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return module, trainer, record.seen
 
@@ -52,12 +56,15 @@ def _run(tmp_path, manifest, max_steps, ckpt_path=None, checkpoint_dir=None):
 def test_kill_and_resume_at_epoch_boundary_is_exact(tmp_path):
     manifest = write_tiny_cohort(tmp_path / "cohort", n_scans=8)
     straight, straight_trainer, straight_seen = _run(
-        tmp_path, manifest, max_steps=2 * STEPS_PER_EPOCH, checkpoint_dir=tmp_path / "ckpt")
+        tmp_path, manifest, max_steps=2 * STEPS_PER_EPOCH, checkpoint_dir=tmp_path / "ckpt"
+    )
     half = tmp_path / "ckpt" / f"step={STEPS_PER_EPOCH}.ckpt"
     assert half.exists(), sorted(p.name for p in (tmp_path / "ckpt").iterdir())
 
     torch.manual_seed(999)  # the "new process": a different global RNG state
-    resumed, resumed_trainer, resumed_seen = _run(tmp_path, manifest, max_steps=2 * STEPS_PER_EPOCH, ckpt_path=str(half))
+    resumed, resumed_trainer, resumed_seen = _run(
+        tmp_path, manifest, max_steps=2 * STEPS_PER_EPOCH, ckpt_path=str(half)
+    )
 
     # the same data and masks at every resumed step
     assert sorted(resumed_seen) == list(range(STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH))

@@ -19,17 +19,21 @@ class _Scans(Dataset):
         self.items = []
         strength = torch.rand(n, generator=g)
         for i in range(n):
-            item = {"subject_id": f"sub-{seed}-{i:03d}", "session_id": "ses-01", "modality": "T1w",
-                    "path": f"/synthetic/{seed}/{i}.nii.gz"}
+            item = {
+                "subject_id": f"sub-{seed}-{i:03d}",
+                "session_id": "ses-01",
+                "modality": "T1w",
+                "path": f"/synthetic/{seed}/{i}.nii.gz",
+            }
             cls = i % 2 if task != "multiclass" else i % 3
             if task in ("binary", "multiclass"):
                 item["label"] = torch.tensor(cls, dtype=torch.long)
-                self.images[i, :, 2 + 4 * cls:6 + 4 * cls, 4:12, 4:12] += 1.0
+                self.images[i, :, 2 + 4 * cls : 6 + 4 * cls, 4:12, 4:12] += 1.0
             elif task == "multilabel":
                 labels = torch.tensor([(i >> b) & 1 for b in range(num_labels)], dtype=torch.float32)
                 for b in range(num_labels):
                     if labels[b]:
-                        self.images[i, :, 4 * b:4 * b + 4, 2:8, 2:8] += 1.0
+                        self.images[i, :, 4 * b : 4 * b + 4, 2:8, 2:8] += 1.0
                 item["label"] = labels
                 item["label_mask"] = torch.tensor([True] * (num_labels - 1) + [i % 5 != 0])
             elif task == "regression":
@@ -58,8 +62,9 @@ class SplitLoaders(LightningDataModule):
     batch_size: int
 
     def train_dataloader(self):
-        return DataLoader(self.splits["train"], batch_size=self.batch_size, shuffle=True,
-                          generator=torch.Generator().manual_seed(0))
+        return DataLoader(
+            self.splits["train"], batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)
+        )
 
     def val_dataloader(self):
         return DataLoader(self.splits["val"], batch_size=self.batch_size)
@@ -73,10 +78,11 @@ class SplitLoaders(LightningDataModule):
 
 class TinyFinetuneData(SplitLoaders):
     """Train/val/test splits of a synthetic task; exposes ``task``, ``num_classes`` and ``datasets['train'].records``
-    like ``data_modules.finetune.FinetuneDataModule``."""
+    like ``neurojepa_pl.data_modules.finetune.FinetuneDataModule``."""
 
-    def __init__(self, task: str = "binary", n_train: int = 24, n_eval: int = 12, batch_size: int = 6,
-                 num_labels: int = 3):
+    def __init__(
+        self, task: str = "binary", n_train: int = 24, n_eval: int = 12, batch_size: int = 6, num_labels: int = 3
+    ):
         super().__init__()
         self.task = task
         self.batch_size = batch_size
@@ -87,5 +93,10 @@ class TinyFinetuneData(SplitLoaders):
         }
         self.num_classes = {"binary": 2, "multiclass": 3, "multilabel": num_labels}.get(task, 1)
         self.label_columns = [f"finding{b}" for b in range(num_labels)] if task == "multilabel" else ["label"]
-        self.datasets = {"train": SimpleNamespace(records=[{"label": float(it["label"])} for it in
-                                                           self.splits["train"].items] if task == "regression" else [])}
+        self.datasets = {
+            "train": SimpleNamespace(
+                records=[{"label": float(it["label"])} for it in self.splits["train"].items]
+                if task == "regression"
+                else []
+            )
+        }

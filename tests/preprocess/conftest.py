@@ -32,7 +32,7 @@ def qc_cohort(tmp_path_factory, synth_cohort) -> dict[str, object]:
 
     Returns the paths of ``good.csv`` (good only), ``all.csv`` (good + broken) and ``broken`` (name -> path).
     """
-    from data_modules.manifest import load_manifest
+    from neurojepa_pl.data import load_manifest
 
     root = tmp_path_factory.mktemp("qc_cohort")
     synth = load_manifest(synth_cohort)
@@ -59,8 +59,10 @@ def qc_cohort(tmp_path_factory, synth_cohort) -> dict[str, object]:
     payload = truncated.read_bytes()
     truncated.write_bytes(payload[: len(payload) // 2])  # an interrupted copy
     broken_rows = pd.DataFrame(
-        [{"subject_id": f"sub-{n}", "session_id": "ses-01", "modality": "T1w", "path": p}
-         for n, p in broken_paths.items()]  # fmt: skip
+        [
+            {"subject_id": f"sub-{n}", "session_id": "ses-01", "modality": "T1w", "path": p}
+            for n, p in broken_paths.items()
+        ]  # fmt: skip
     )
     good.to_csv(root / "good.csv", index=False)
     pd.concat([good, broken_rows], ignore_index=True).to_csv(root / "all.csv", index=False)

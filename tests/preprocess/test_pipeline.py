@@ -71,7 +71,9 @@ def test_reorientation_gives_ras_with_the_same_world_content(tmp_path, raw_cohor
 
 def test_steps_run_in_order_failures_are_recorded_and_others_continue(tmp_path, raw_cohort):
     log = str(tmp_path / "calls.log")
-    steps = PreprocessSteps(reorient=reorient_to_ras, bias_correct=partial(doubling, log=log), register=failing_on_value)
+    steps = PreprocessSteps(
+        reorient=reorient_to_ras, bias_correct=partial(doubling, log=log), register=failing_on_value
+    )
     out = tmp_path / "out"
     result = preprocess_manifest(raw_cohort, out, steps)
 
@@ -139,7 +141,9 @@ def test_output_clash_and_paired_manifest_are_rejected(tmp_path, raw_cohort):
     with pytest.raises(ValueError, match="same output"):
         preprocess_manifest(clash, tmp_path / "a", PreprocessSteps(reorient=reorient_to_ras))
     with pytest.raises(ValueError, match="per-scan manifest"):
-        preprocess_manifest(pd.DataFrame({"t1w_path": ["x"]}), tmp_path / "b", PreprocessSteps(reorient=reorient_to_ras))
+        preprocess_manifest(
+            pd.DataFrame({"t1w_path": ["x"]}), tmp_path / "b", PreprocessSteps(reorient=reorient_to_ras)
+        )
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ants") is not None, reason="ANTsPy is installed here")

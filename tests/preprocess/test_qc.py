@@ -10,8 +10,8 @@ import pytest
 import yaml
 from sklearn.metrics import mutual_info_score
 
-from data_modules.manifest import load_manifest, validate_manifest
-from data_modules.transforms import TransformSettings, loading_transforms
+from neurojepa_pl.data import load_manifest, validate_manifest
+from neurojepa_pl.data.transforms import TransformSettings, loading_transforms
 from neurojepa_pl.preprocess.qc import (
     TemplateResampler,
     apply_thresholds,
@@ -150,7 +150,9 @@ def test_qc_cli_calibrate_then_apply(qc_cohort, tmp_path):
     from neurojepa_pl.cli import main
 
     calibration_dir = tmp_path / "calibration"
-    assert main(["qc", str(qc_cohort["good"]), "--out", str(calibration_dir), "--calibrate", "0", *TINY_CHAIN_ARGS]) == 0
+    assert (
+        main(["qc", str(qc_cohort["good"]), "--out", str(calibration_dir), "--calibrate", "0", *TINY_CHAIN_ARGS]) == 0
+    )
     calibrated = yaml.safe_load((calibration_dir / "qc_thresholds.yaml").read_text())
     assert calibrated["calibration"]["quantile"] == 0.0
     good = pd.read_csv(calibration_dir / "qc_manifest.csv")

@@ -15,9 +15,28 @@ def test_help_describes_the_tool(capsys):
 
 
 def test_cli_writes_a_cohort_and_prints_a_summary(tmp_path, capsys):
-    code = main(["--out", str(tmp_path), "--subjects", "3", "--seed", "2", "--grid", "48x54x48",
-                 "--modalities", "T1w", "FLAIR", "--sites", "2", "--split", "--prevalence", "tumour=1.0",
-                 "--wmh-scale", "2"])
+    code = main(
+        [
+            "--out",
+            str(tmp_path),
+            "--subjects",
+            "3",
+            "--seed",
+            "2",
+            "--grid",
+            "48x54x48",
+            "--modalities",
+            "T1w",
+            "FLAIR",
+            "--sites",
+            "2",
+            "--split",
+            "--prevalence",
+            "tumour=1.0",
+            "--wmh-scale",
+            "2",
+        ]
+    )
     assert code == 0
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith("SynthBrain: 3 subjects") and "grid 48x54x48" in summary

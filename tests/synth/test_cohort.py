@@ -43,7 +43,7 @@ def test_manifest_schema_and_files(synth_cohort):
 
 
 def test_manifest_passes_the_data_validator(synth_cohort):
-    from data_modules.manifest import validate_manifest
+    from neurojepa_pl.data import validate_manifest
 
     report = validate_manifest(synth_cohort, check_readable="header")
     assert not report.errors, report
@@ -130,8 +130,12 @@ def test_wmh_is_nearly_invisible_on_t1w_but_bright_on_flair():
 def test_wmh_scale_paints_proportionally_more_lesion():
     only_wmh = {**HEALTHY, "wmh": 1.0}
     index = next(i for i in range(100) if sample_subject_labels(0, i, prevalence=only_wmh).flags["wmh"])
-    volumes = [generate_subject(0, index, grid=TINY_GRID, prevalence=only_wmh, wmh_scale=scale).sessions[0]
-               .labels["wmh_volume_ml"] for scale in (1.0, 3.0)]
+    volumes = [
+        generate_subject(0, index, grid=TINY_GRID, prevalence=only_wmh, wmh_scale=scale)
+        .sessions[0]
+        .labels["wmh_volume_ml"]
+        for scale in (1.0, 3.0)
+    ]
     assert volumes[0] > 1.0
     assert volumes[1] == pytest.approx(3.0 * volumes[0], rel=0.1)  # painted (measured) volume, not only the plan
 
@@ -177,8 +181,9 @@ def test_split_is_patient_level(tmp_path):
 
 def test_workers_give_the_same_files(tmp_path):
     serial = generate_cohort(tmp_path / "serial", n_subjects=3, seed=5, grid=TINY_GRID, modalities=("T2w",))
-    parallel = generate_cohort(tmp_path / "parallel", n_subjects=3, seed=5, grid=TINY_GRID, modalities=("T2w",),
-                               workers=2)
+    parallel = generate_cohort(
+        tmp_path / "parallel", n_subjects=3, seed=5, grid=TINY_GRID, modalities=("T2w",), workers=2
+    )
     assert serial.equals(parallel)
     for path in serial["path"]:
         assert (tmp_path / "serial" / path).read_bytes() == (tmp_path / "parallel" / path).read_bytes()

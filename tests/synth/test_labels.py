@@ -77,12 +77,18 @@ def test_survival_hazard_is_recovered_by_a_cox_fit(plans):
     for plan in plans:
         baseline = plan.sessions[0]
         volume = plan.tumour.volume_ml[0] if plan.tumour is not None else 0.0
-        rows.append((*SURVIVAL_MODEL.covariates(baseline.age, plan.flags["tumour"], volume),
-                     plan.survival_event == 1, plan.survival_time))
+        rows.append(
+            (
+                *SURVIVAL_MODEL.covariates(baseline.age, plan.flags["tumour"], volume),
+                plan.survival_event == 1,
+                plan.survival_time,
+            )
+        )
     frame = pd.DataFrame(rows, columns=["age_z", "tumour", "volume_z", "event", "time"])
     assert 0.4 < frame["event"].mean() < 0.8
-    model = CoxPHSurvivalAnalysis().fit(frame[["age_z", "tumour", "volume_z"]],
-                                        Surv.from_dataframe("event", "time", frame))
+    model = CoxPHSurvivalAnalysis().fit(
+        frame[["age_z", "tumour", "volume_z"]], Surv.from_dataframe("event", "time", frame)
+    )
     truth = np.array([SURVIVAL_MODEL.age, SURVIVAL_MODEL.tumour, SURVIVAL_MODEL.tumour_volume])
     assert np.all(model.coef_ > 0)  # hazard monotone in every risk factor
     assert np.allclose(model.coef_, truth, atol=0.2), model.coef_

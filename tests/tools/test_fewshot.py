@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from downstream_tiny import tiny_overrides
 from scipy import stats
 
-from downstream_tiny import tiny_overrides
 from neurojepa_pl.tools.fewshot import main, summarise_runs, t_interval
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
@@ -36,9 +36,22 @@ def test_overrides_of_the_grid_are_refused():
 def test_fewshot_grid_on_tiny_cohort(synth_cohort, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "fs"
-    code = main(["--config", str(EXPERIMENTS / "fewshot" / "synth_tumour_fewshot.yaml"), "--k", "1", "2",
-                 "--repeats", "2", "--out", str(out), *tiny_overrides(synth_cohort),
-                 "--model.init_args.n_bootstrap", "10"])
+    code = main(
+        [
+            "--config",
+            str(EXPERIMENTS / "fewshot" / "synth_tumour_fewshot.yaml"),
+            "--k",
+            "1",
+            "2",
+            "--repeats",
+            "2",
+            "--out",
+            str(out),
+            *tiny_overrides(synth_cohort),
+            "--model.init_args.n_bootstrap",
+            "10",
+        ]
+    )
     assert code == 0
     runs = pd.read_csv(out / "fewshot_runs.csv")
     assert sorted(zip(runs["k"], runs["seed"])) == [(1, 0), (1, 1), (2, 0), (2, 1)]

@@ -30,14 +30,18 @@ def _run(root: Path, name: str, score: np.ndarray, fusion: str | None = None, ro
     target = TARGET[rows]
     score = score[rows]
     ids = np.arange(N)[rows]
-    meta = {"subject_id": [f"{i:03d}" for i in ids], "session_id": ["ses-0"] * len(ids),
-            "modality": ["T1w" if fusion is None else "T1w+FLAIR"] * len(ids),
-            "path": [f"/data/sub-{i:03d}_{'T1w' if fusion is None else 'T1w'}.nii.gz" for i in ids]}
+    meta = {
+        "subject_id": [f"{i:03d}" for i in ids],
+        "session_id": ["ses-0"] * len(ids),
+        "modality": ["T1w" if fusion is None else "T1w+FLAIR"] * len(ids),
+        "path": [f"/data/sub-{i:03d}_{'T1w' if fusion is None else 'T1w'}.nii.gz" for i in ids],
+    }
     arrays = {"target": target, "score": score}
     point = compute_task_metrics("binary", arrays)
     extra = {"fusion": fusion} if fusion else None
-    write_metrics_json(run / "metrics.json", {k: (v, v, v) for k, v in point.items()}, n=len(target), task="binary",
-                       extra=extra)
+    write_metrics_json(
+        run / "metrics.json", {k: (v, v, v) for k, v in point.items()}, n=len(target), task="binary", extra=extra
+    )
     write_predictions(run / "predictions.csv", "binary", arrays, meta)
     return run
 
@@ -71,8 +75,9 @@ def test_gain_uses_only_shared_sessions(tmp_path, caplog):
     row = table.iloc[0]
     assert row["n_shared"] == 40
     shared = slice(0, 40)
-    expected = roc_auc_score(TARGET[shared], _scores(1.5, 3)[shared]) - roc_auc_score(TARGET[shared],
-                                                                                      _scores(0.5, 1)[shared])
+    expected = roc_auc_score(TARGET[shared], _scores(1.5, 3)[shared]) - roc_auc_score(
+        TARGET[shared], _scores(0.5, 1)[shared]
+    )
     assert row["gain"] == pytest.approx(expected, abs=1e-6)
     assert "shared" in caplog.text
 

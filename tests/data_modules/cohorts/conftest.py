@@ -7,14 +7,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from data_modules.cohorts import default_split_dir, read_split_files
-from data_modules.cohorts.spec import CohortSpec
-from data_modules.cohorts.split_files import SCAN_ID_PREFIX
+from neurojepa_pl.data_modules.cohorts import default_split_dir, read_split_files
+from neurojepa_pl.data_modules.cohorts.spec import CohortSpec
+from neurojepa_pl.data_modules.cohorts.split_files import SCAN_ID_PREFIX
 
 
 @pytest.fixture(scope="session")
 def split_dir() -> Path:
-    """The authors' published splits (``../shared/reference_splits``), never copied into the project."""
+    """The authors' published splits, shipped with the package."""
     return default_split_dir()
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from data_modules.cohorts import (
+from neurojepa_pl.data import validate_manifest
+from neurojepa_pl.data_modules.cohorts import (
     NO_SESSION,
     CohortLeakageError,
     build_cohort_manifest,
@@ -19,8 +20,7 @@ from data_modules.cohorts import (
     read_split_files,
     scan_bids_tree,
 )
-from data_modules.cohorts.split_files import SCAN_ID_PREFIX
-from data_modules.manifest import validate_manifest
+from neurojepa_pl.data_modules.cohorts.split_files import SCAN_ID_PREFIX
 
 
 def _bids_label(raw: str) -> str:
@@ -146,7 +146,9 @@ def test_multimodal_scan_level_pairs_by_each_modalitys_image_id(tmp_path, split_
     table, _, _ = read_split_files(spec, split_dir)
     for modality in ("T1w", "T2w"):
         for subject, image in set(zip(table["subject_id"], table[SCAN_ID_PREFIX + modality])):
-            _touch(tmp_path / f"sub-{subject}" / f"ses-{image}" / "anat" / f"sub-{subject}_ses-{image}_{modality}.nii.gz")
+            _touch(
+                tmp_path / f"sub-{subject}" / f"ses-{image}" / "anat" / f"sub-{subject}_ses-{image}_{modality}.nii.gz"
+            )
 
     manifest, report = build_cohort_manifest(spec, data_root=tmp_path, split_dir=split_dir)
 

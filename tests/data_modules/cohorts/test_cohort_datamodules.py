@@ -9,17 +9,17 @@ import pytest
 import torch
 from volume_factory import TINY_CROP, TINY_RESIZE, blob_volume, write_nifti
 
-import data_modules.cohorts as cohorts
-from data_modules.cohorts import get_cohort_spec, read_split_files
-from data_modules.cohorts.datamodules import (
+import neurojepa_pl.data_modules.cohorts as cohorts
+from neurojepa_pl.data_modules.cohorts import get_cohort_spec, read_split_files
+from neurojepa_pl.data_modules.cohorts.datamodules import (
     ADNI,
-    COHORT_DATAMODULES,
     BINDMGH,
+    COHORT_DATAMODULES,
     CohortDataModule,
     GenericCohort,
     MultimodalCohort,
 )
-from data_modules.cohorts.split_files import SCAN_ID_PREFIX
+from neurojepa_pl.data_modules.cohorts.split_files import SCAN_ID_PREFIX
 
 TINY = {
     "batch_size": 2,

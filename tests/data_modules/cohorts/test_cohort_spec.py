@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from data_modules.cohorts import CohortSpec, LabelColumn, loni_image_key, normalise_id, oasis_session_key
+from neurojepa_pl.data_modules.cohorts import CohortSpec, LabelColumn, loni_image_key, normalise_id, oasis_session_key
 
 
 @pytest.mark.parametrize(

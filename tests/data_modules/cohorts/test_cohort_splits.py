@@ -1,6 +1,6 @@
-"""Every registered cohort/task/modality against the real published split files (shared/reference_splits).
+"""Every registered cohort/task/modality against the real published split files (shipped in data_modules/cohorts/published_splits).
 
-Oracles: the row counts of SPEC.md section 11, the anomalies it lists (ADNI amyloid FLAIR label spelling and 1 leaked
+Oracles: the row counts of docs/method.md §11, the anomalies it lists (ADNI amyloid FLAIR label spelling and 1 leaked
 subject, NACC amyloid leakage 3/2/2), the exact duplicate rows of the OASIS-3 files, and the per-task sample totals of
 the paper's benchmark table (ICSPR, MCSA, UCSF-PDGM survival: rows with a missing task label are excluded).
 """
@@ -10,7 +10,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from data_modules.cohorts import (
+from neurojepa_pl.data import PATH_COLUMNS
+from neurojepa_pl.data_modules.cohorts import (
     COHORT_SPECS,
     CohortLeakageError,
     build_cohort_manifest,
@@ -18,9 +19,8 @@ from data_modules.cohorts import (
     list_cohort_specs,
     read_split_files,
 )
-from data_modules.manifest import PATH_COLUMNS
 
-# SPEC.md section 11: rows (train, val, test) of each split-file family.
+# docs/method.md §11: rows (train, val, test) of each split-file family.
 SPEC11_ROWS = {
     ("BIND-MGH", "*"): (13351, 4534, 4257),
     ("NACC", "ad", "T1w"): (3006, 1008, 980),
@@ -67,7 +67,7 @@ DUPLICATES = {
     ("OASIS3", "ad", "T1w+T2w"): (4, 4, 6),
 }
 
-# Subjects shared between splits (SPEC 11: NACC amyloid 3/2/2 for FLAIR/T1w/T2w, ADNI amyloid FLAIR 1).
+# Subjects shared between splits (docs/method.md §11: NACC amyloid 3/2/2 for FLAIR/T1w/T2w, ADNI amyloid FLAIR 1).
 LEAKAGE = {
     ("NACC", "amyloid", "FLAIR"): {"train&val": 1, "train&test": 2},
     ("NACC", "amyloid", "T1w"): {"train&val": 1, "train&test": 1},
@@ -76,7 +76,12 @@ LEAKAGE = {
 }
 
 # NACC subjects whose per-visit rows carry different labels (counted by hand: NACCID groups with >1 distinct label).
-AMBIGUOUS = {("NACC", "ad", "T1w"): 25, ("NACC", "ad", "T2w"): 2, ("NACC", "ad", "FLAIR"): 17, ("NACC", "ad", "T1w+T2w"): 11}
+AMBIGUOUS = {
+    ("NACC", "ad", "T1w"): 25,
+    ("NACC", "ad", "T2w"): 2,
+    ("NACC", "ad", "FLAIR"): 17,
+    ("NACC", "ad", "T1w+T2w"): 11,
+}
 
 # Samples per task in the paper's benchmark table (Supplementary, "sessions with missing labels are excluded").
 PAPER_TOTALS = {
@@ -103,7 +108,7 @@ def _spec11_rows(key):
     for candidate in ((cohort, task, modality), (cohort, "*", modality), (cohort, "*")):
         if candidate in SPEC11_ROWS:
             return SPEC11_ROWS[candidate]
-    raise AssertionError(f"no SPEC 11 row count for {key}")
+    raise AssertionError(f"no docs/method.md §11 row count for {key}")
 
 
 def test_registry_covers_every_cohort_and_published_file(split_dir):
@@ -142,7 +147,7 @@ def test_every_spec_joins_its_published_splits(key, split_dir, make_scan_table):
         spec, split_dir=split_dir, scan_table=pd.concat([scans, ghost]), check_files=False, allow_leakage=True
     )
 
-    # Row counts of the published files are SPEC 11's.
+    # Row counts of the published files are docs/method.md §11's.
     expected_rows = dict(zip(("train", "val", "test"), _spec11_rows(key)))
     assert report.rows_in_split_files == expected_rows
 
