@@ -8,8 +8,6 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
-from neurojepa_pl.callbacks.optimizer_step import OptimizerStepDetector
-
 
 @torch.no_grad()
 def ema_update_(target: list[Tensor], online: list[Tensor], momentum: float) -> None:
@@ -62,20 +60,21 @@ def _aligned_pairs(target: nn.Module, online: nn.Module, what: str) -> tuple[lis
 class EMATargetUpdate(Callback):
     """After every applied optimizer update: ``target <- m * target + (1 - m) * context``, then copy buffers.
 
-    Runs once per optimizer update, not per micro-batch: it acts in ``on_train_batch_end`` only when
-    ``trainer.global_step`` advanced (so it is safe under ``accumulate_grad_batches``) and does nothing when the
-    update was skipped (``pl_module.update_skipped``, set by :class:`~neurojepa_pl.callbacks.nonfinite.NonFiniteLossGuard`).
+    Runs once per *applied* optimizer update: it acts in ``on_train_batch_end`` only when ``pl_module.update_step``
+    advanced since the last batch end (the value is re-read in ``on_train_start``, which also covers resume). The
+    module advances it only for an update AdamW applied, so micro-batches of an accumulation window and updates
+    dropped by :class:`~neurojepa_pl.callbacks.nonfinite.NonFiniteLossGuard` leave the target untouched.
     The momentum is a pure function of the update counter: ``pl_module.schedule.at(pl_module.update_step)``.
-    Buffers (the MoE balance biases, after :class:`~neurojepa_pl.callbacks.moe_balance.MoELoadBalance` updated them) are copied,
-    except the MoE ``counts``.
+    Buffers (the MoE balance biases, after :class:`~neurojepa_pl.callbacks.moe_balance.MoELoadBalance` updated them)
+    are copied, except the MoE ``counts``.
 
-    Module surface used: ``context_encoder``, ``target_encoder``, ``schedule``, ``update_step``, ``update_skipped``.
+    Module surface used: ``context_encoder``, ``target_encoder``, ``schedule``, ``update_step``.
     Under FSDP both encoders are wrapped identically, so the cached parameter lists are the aligned local shards and the
     update needs no communication.
     """
 
     def __init__(self) -> None:
-        self._step = OptimizerStepDetector()
+        self._last_update_step: int | None = None
         self._target_params: list[Tensor] = []
         self._online_params: list[Tensor] = []
         self._target_buffers: list[Tensor] = []
@@ -89,13 +88,14 @@ class EMATargetUpdate(Callback):
         self._target_buffers, self._online_buffers = _aligned_pairs(
             pl_module.target_encoder, pl_module.context_encoder, "buffers"
         )
-        self._step.reset(trainer)
+        self._last_update_step = pl_module.update_step
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._step.stepped(trainer) or pl_module.update_skipped:
+        if pl_module.update_step == self._last_update_step:
             return
+        self._last_update_step = pl_module.update_step
         momentum = pl_module.schedule.at(pl_module.update_step).ema_momentum
         ema_update_(self._target_params, self._online_params, momentum)
         with torch.no_grad():

@@ -17,14 +17,17 @@ class NonFiniteLossError(RuntimeError):
 class NonFiniteLossGuard(Callback):
     """Skip the update of any optimizer step whose loss (on any rank, any micro-batch) is NaN or infinite.
 
-    The reference checks the loss before its schedulers step and skips both on a non-finite bf16 loss (docs/method.md §7). Here:
+    The reference checks the loss before its schedulers step and skips both on a non-finite bf16 loss
+    (docs/method.md §7). Here:
 
     - ``on_before_backward`` checks each micro-batch loss; the decision is all-reduced, so every rank agrees (backward
       still runs on every rank, so DDP's gradient all-reduce never deadlocks);
     - ``on_before_optimizer_step`` (after the last micro-batch, before clipping and ``optimizer.step``) drops all
-      gradients of a bad step (``zero_grad(set_to_none=True)``: AdamW then leaves weights *and* its moments unchanged)
-      and sets ``pl_module.update_skipped = True``, so the module does not advance ``update_step`` (the schedules) and
-      the MoE / EMA callbacks skip their updates;
+      gradients of a bad step (``zero_grad(set_to_none=True)``). That is the whole signal, and it is one the others
+      observe for themselves: clipping finds no gradient, AdamW skips every parameter without one (weights *and*
+      moments unchanged), ``JEPAPretrainModule.optimizer_step`` sees no gradient after the step and does not advance
+      ``update_step`` (the schedules), and the MoE / EMA callbacks, which act when ``update_step`` advances, do
+      nothing. The guard sets nothing on the module.
     - the skip is counted (``train/nonfinite_skipped``, total) and warned about; after ``max_consecutive`` skipped
       steps in a row training stops with :class:`NonFiniteLossError`.
 
@@ -55,8 +58,9 @@ class NonFiniteLossGuard(Callback):
         if finite:
             self.consecutive = 0
             return
+        # set_to_none, not zeros: AdamW skips parameters whose grad is None, but would still decay its moments and
+        # apply weight decay for a zero gradient.
         optimizer.zero_grad(set_to_none=True)
-        pl_module.update_skipped = True
         self.consecutive += 1
         self.total += 1
         pl_module.log("train/nonfinite_skipped", float(self.total), on_step=True, on_epoch=False)

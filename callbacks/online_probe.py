@@ -6,8 +6,8 @@ Every ``every_n_epochs`` training epochs, on global rank 0:
    evaluation chain and kept in memory;
 2. the target encoder (``pl_module.target_encoder``, the only module surface used) encodes them in eval mode without
    gradients, so training state (mode, MoE counts, RNG) is untouched;
-3. one attentive head (1 logit, docs/method.md §8.7: depth 4, 16 heads) per label column is trained on the frozen train tokens
-   with BCE over observed labels, AdamW, a fixed number of epochs;
+3. one attentive head (1 logit, docs/method.md §8.7: depth 4, 16 heads) per label column is trained on the frozen
+   train tokens with BCE over observed labels, AdamW, a fixed number of epochs;
 4. per label the head of the epoch with the best val AUROC is kept (the reference's "best head per class"); its val
    AUROC, and its test AUROC when the manifest has a test split, are logged as ``probe/val_auroc/<label>``,
    ``probe/test_auroc/<label>`` plus the macro means ``probe/val_auroc_macro`` / ``probe/test_auroc_macro``.

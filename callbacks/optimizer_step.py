@@ -9,8 +9,11 @@ class OptimizerStepDetector:
     """Tells whether ``trainer.global_step`` advanced since the last call.
 
     Lightning calls ``on_train_batch_end`` for every micro-batch but steps the optimizer only at the end of an
-    accumulation window; ``global_step`` counts those steps (including ones whose update was skipped). Callbacks that
-    must act once per optimizer step (EMA, MoE balancing) ask this object in ``on_train_batch_end``.
+    accumulation window; ``global_step`` counts those steps, *including* ones whose update was dropped
+    (:class:`~neurojepa_pl.callbacks.nonfinite.NonFiniteLossGuard`). Callbacks that must act once per optimizer-step
+    call whether or not it updated the weights ask this object in ``on_train_batch_end``: ``MaskFigureLogger`` (the
+    figure cadence follows the data, not the updates) and ``MoELoadBalance`` (to discard the routing counts of a
+    dropped update). Callbacks that act once per *applied* update compare ``pl_module.update_step`` instead.
     """
 
     def __init__(self) -> None:

@@ -13,15 +13,17 @@ is one sort plus two ``torch._grouped_mm`` calls, with no host synchronisation (
 friendly). ``"loop"`` is the naive per-expert loop of the reference, kept as test oracle and benchmark baseline.
 Reference checkpoints name each expert separately (``experts.{e}.fc1.weight``); ``models.checkpoint`` converts.
 
-Balancing state, owned by each layer and updated by a callback once per optimizer step:
+Balancing state, owned by each layer and updated once per applied optimizer update by
+:func:`rebalance_moe_layers_` (called by ``MoELoadBalance`` in pretraining and by ``DownstreamModule`` in
+fine-tuning):
 
 * ``gate.bias`` (float32 ``[E]``, buffer): selection bias, identical on all ranks;
 * ``counts`` (int64 ``[E]``, buffer): tokens routed to each expert since the last update, *per rank*. It grows only
   in training-mode forwards with grad enabled, and not again when activation checkpointing recomputes a block
   during backward, so evaluation, ``no_grad`` and EMA-target forwards never count (a deliberate fix of the
-  reference, which counts everywhere). The callback all-reduces it (SUM), calls :func:`balance_bias_update`,
-  writes ``gate.bias`` and zeroes ``counts``. DDP must not broadcast ``counts`` from rank 0: see
-  :data:`DDP_IGNORED_BUFFERS` and :func:`ddp_ignored_buffer_names`.
+  reference, which counts everywhere). :func:`rebalance_moe_layers_` all-reduces it (SUM), calls
+  :func:`balance_bias_update`, writes ``gate.bias`` and zeroes ``counts``. DDP must not broadcast ``counts`` from
+  rank 0: see :data:`DDP_IGNORED_BUFFERS` and :func:`ddp_ignored_buffer_names`.
 
 Routing of individual tokens can be observed with a forward hook on ``layer.gate``, whose output is
 ``(weights [T, k], indices [T, k], scores [T, E])``.
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -50,6 +53,8 @@ __all__ = [
     "DDP_IGNORED_BUFFERS",
     "ddp_ignored_buffer_names",
     "balance_bias_update",
+    "all_reduce_counts",
+    "rebalance_moe_layers_",
     "recomputing_moe",
 ]
 
@@ -117,6 +122,8 @@ class BiasedTopKRouter(nn.Module):
         top_k: experts per token.
         route_scale: multiplier of the gathered scores.
     """
+
+    bias: Tensor  # buffer [E] float32 (registered in __init__; declared so that it types as a Tensor)
 
     def __init__(self, dim: int, num_experts: int, top_k: int, route_scale: float) -> None:
         super().__init__()
@@ -196,13 +203,13 @@ class _GatherSortedRows(torch.autograd.Function):
     """``x [T, C] -> x[order // k] [T*k, C]``; backward un-sorts with ``inverse`` and sums the k copies."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, order: Tensor, inverse: Tensor, top_k: int) -> Tensor:
+    def forward(ctx: Any, x: Tensor, order: Tensor, inverse: Tensor, top_k: int) -> Tensor:
         ctx.save_for_backward(inverse)
         ctx.top_k = top_k
         return x.index_select(0, torch.div(order, top_k, rounding_mode="floor"))
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
         (inverse,) = ctx.saved_tensors
         grad_x = grad.index_select(0, inverse).view(-1, ctx.top_k, grad.shape[-1]).sum(dim=1)
         return grad_x, None, None, None
@@ -212,12 +219,12 @@ class _PermuteRows(torch.autograd.Function):
     """``x[perm]`` for a permutation ``perm`` whose inverse is given; backward is ``grad[inverse]``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
         ctx.save_for_backward(inverse)
         return x.index_select(0, perm)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         (inverse,) = ctx.saved_tensors
         return grad.index_select(0, inverse), None, None
 
@@ -227,12 +234,12 @@ class _AddGroupedBias(torch.autograd.Function):
     computed as ``grad^T @ ones`` by a grouped GEMM with offsets along the reduction dimension."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, bias: Tensor, expert_ids: Tensor, group_ends: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor, bias: Tensor, expert_ids: Tensor, group_ends: Tensor) -> Tensor:
         ctx.save_for_backward(group_ends)
         return x + bias.index_select(0, expert_ids)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
         (group_ends,) = ctx.saved_tensors
         grad = grad.contiguous()
         ones = grad.new_ones(grad.shape[0], 8)  # 8 columns: 16-byte aligned rows in bf16; column 0 is used
@@ -284,6 +291,7 @@ class MoEFeedForward(nn.Module):
     """
 
     DDP_IGNORED_BUFFERS = DDP_IGNORED_BUFFERS
+    counts: Tensor  # buffer [E] int64 (registered in __init__; declared so that it types as a Tensor)
 
     def __init__(self, dim: int, config: MoEConfig, dispatch: MoEDispatch = "grouped") -> None:
         super().__init__()
@@ -444,3 +452,52 @@ def balance_bias_update(
     min_violation = torch.where(empty, neutral, c.min() / safe_mean)
     max_violation = torch.where(empty, neutral, c.max() / safe_mean)
     return torch.where(empty, bias, new_bias), min_violation, max_violation
+
+
+def all_reduce_counts(counts: Tensor) -> Tensor:
+    """Sum routing counts over all ranks, in place; a no-op without an initialised process group of size > 1.
+
+    Args:
+        counts: int64 ``[L, E]``, one row per MoE layer (one collective for all layers).
+
+    Returns:
+        ``counts`` itself, now the sum over ranks.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    return counts
+
+
+@torch.no_grad()
+def rebalance_moe_layers_(
+    layers: Sequence[MoEFeedForward], rate: float, *, proportional: bool, clip: float
+) -> tuple[Tensor, Tensor]:
+    """One balance-bias update of every MoE layer, in place (docs/method.md §3.3): the step shared by pretraining
+    (proportional rule, scheduled rate) and fine-tuning (sign rule, fixed rate).
+
+    Stacks the layers' ``counts`` into ``[L, E]``, sums them over ranks in one collective when a process group is
+    initialised (:func:`all_reduce_counts`; every rank then computes the same biases, so no broadcast is needed),
+    applies :func:`balance_bias_update` per layer, writes ``gate.bias`` and zeroes ``counts``. Must run on every rank
+    (collective) and once per applied optimizer update.
+
+    Args:
+        layers: the model's MoE layers (at least one), e.g. ``encoder.moe_layers()``.
+        rate: bias update rate.
+        proportional: token-averaged error correction (pretraining) instead of the sign rule (fine-tuning).
+        clip: bias bound; ``<= 0`` disables the clamp.
+
+    Returns:
+        ``(min_violation [], max_violation [])``: float32 means over the layers of ``min(c)/c_bar`` and
+        ``max(c)/c_bar`` of the summed counts (1.0 for a layer that saw no token).
+    """
+    if not layers:
+        raise ValueError("rebalance_moe_layers_ needs at least one MoE layer; skip the call for a dense model.")
+    counts = all_reduce_counts(torch.stack([layer.counts for layer in layers]))  # [L, E]
+    min_vio, max_vio = [], []
+    for layer, layer_counts in zip(layers, counts):
+        new_bias, lo, hi = balance_bias_update(layer.gate.bias, layer_counts, rate, proportional, clip=clip)
+        layer.gate.bias.copy_(new_bias)
+        layer.counts.zero_()
+        min_vio.append(lo)
+        max_vio.append(hi)
+    return torch.stack(min_vio).mean(), torch.stack(max_vio).mean()

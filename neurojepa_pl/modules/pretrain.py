@@ -240,8 +240,7 @@ class JEPAPretrainModule(LightningModule):
             ema_momentum=_as_pair(ema_momentum, "ema_momentum"),
             moe_rate=_as_pair(moe_bias_rate, "moe_bias_rate"),
         )
-        self.update_step = 0  # optimizer updates applied so far (skipped non-finite steps excluded)
-        self.update_skipped = False  # set by NonFiniteLossGuard during the current optimizer step
+        self.update_step = 0  # optimizer updates applied so far (dropped non-finite steps excluded)
         self._model_configured = False
 
     def _check_predictor_matches_encoder(self) -> None:
@@ -380,32 +379,52 @@ class JEPAPretrainModule(LightningModule):
         The schedules are set first (the reference steps them before ``optimizer.step``, so update k uses the value at
         step k). ``optimizer.step(closure)`` then runs the last micro-batch's forward and backward, the callbacks'
         ``on_before_optimizer_step`` (``NonFiniteLossGuard`` may drop the update), gradient clipping and AdamW.
+        ``update_step`` advances only if the update was applied, which this method reads off the parameters itself
+        (:meth:`_update_applied`); the MoE and EMA callbacks act when it advances.
         """
         values = self.schedule.at(self.update_step + 1)
         for group in optimizer.param_groups:
             group["lr"] = values.lr
             group["weight_decay"] = values.weight_decay if group["apply_wd"] else 0.0
-        self.update_skipped = False
         optimizer.step(closure=optimizer_closure)
-        if not self.update_skipped:
+        if self._update_applied(optimizer):
             self.update_step += 1
             self.log_dict({"train/lr": values.lr, "train/wd": values.weight_decay}, on_step=True, on_epoch=False)
+
+    @staticmethod
+    def _update_applied(optimizer: Any) -> bool:
+        """Whether the ``optimizer.step`` that just returned changed any parameter: some parameter has a gradient.
+
+        Sound because of three facts. (1) Lightning zeroes gradients only inside the closure of the *first*
+        micro-batch of the next accumulation window (after its forward, before its backward), so right after
+        ``optimizer.step`` returns, the gradients AdamW consumed are still on the parameters. (2) ``torch.optim.AdamW``
+        updates exactly the parameters whose ``grad`` is not None (weights, moments and step count). (3)
+        ``NonFiniteLossGuard`` drops an update with ``zero_grad(set_to_none=True)``, and clipping never creates a
+        gradient. So "no parameter has a gradient" is "AdamW changed nothing". The guard's decision is all-reduced, so
+        all ranks agree; under FSDP (``use_orig_params``) a parameter outside a rank's shard has no gradient, but each
+        rank holds a slice of every flat parameter larger than the world size, so an applied update leaves gradients
+        on every rank. Not covered: an fp16 ``GradScaler`` that skips an overflowed step with a finite loss leaves the
+        gradients in place, so that step counts as applied (the paper trains in bf16, which has no scaler).
+        """
+        return any(p.grad is not None for group in optimizer.param_groups for p in group["params"])
 
     def configure_gradient_clipping(
         self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
     ) -> None:
-        """Clip by global norm (``trainer.gradient_clip_val``, 1.0 in the paper) and log the pre-clip norm."""
-        if self.update_skipped:  # gradients already dropped by NonFiniteLossGuard
-            return
+        """Clip by global norm (``trainer.gradient_clip_val``, 1.0 in the paper) and log the pre-clip norm.
+
+        A no-op without gradients: an update dropped by ``NonFiniteLossGuard`` has none (on every rank alike, the
+        guard's decision is all-reduced), so nothing is clipped and no norm is logged.
+        """
         if gradient_clip_algorithm not in (None, "norm"):
             raise ValueError(
-                f"Only gradient_clip_algorithm 'norm' is supported (docs/method.md §7); got {gradient_clip_algorithm!r}."
+                "Only gradient_clip_algorithm 'norm' is supported (docs/method.md §7); "
+                f"got {gradient_clip_algorithm!r}."
             )
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        grads = [p.grad for p in params]
-        total_norm = (
-            torch.nn.utils.get_total_norm(grads, norm_type=2.0) if grads else torch.zeros((), device=self.device)
-        )
+        if not params:
+            return
+        total_norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
         strategy = self.trainer.strategy
         if (
             isinstance(strategy, FSDPStrategy)
@@ -422,6 +441,9 @@ class JEPAPretrainModule(LightningModule):
 
     def configure_callbacks(self) -> list[Callback]:
         """The pretraining callbacks, in the order their hooks must run (see ``callbacks/__init__.py``)."""
+        # Lightning runs callback hooks in list order; this order IS the docs/method.md §7 per-step order:
+        # guard (drops a non-finite update before clipping / AdamW) -> MoE bias update (after AdamW, from this step's
+        # counts) -> EMA (after the bias update, so the target copies the new biases) -> figure (reads only).
         return [
             NonFiniteLossGuard(max_consecutive=self.hparams.max_nonfinite_in_a_row),
             MoELoadBalance(proportional=self.hparams.moe_proportional, clip=self.hparams.moe_bias_clip),
