@@ -5,16 +5,39 @@ One place for the project's convention, so the experiment tests of every downstr
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import yaml
 
-def tiny_overrides(manifest: Path) -> list[str]:
-    """`neurojepa fit` arguments that shrink a downstream experiment to the tiny test grid (8x9x8 tokens)."""
+TINY_CNN = {"widths": [2, 4, 8, 8], "feat_dim": 16, "hidden_dim": 8, "pool_grid": [2, 2, 2]}
+"""``backbone_kwargs`` of the CNN baseline at test size (same 4-stage design, 2k parameters)."""
+
+
+def _yaml_backbone(config: Path) -> str | None:
+    init_args = (yaml.safe_load(Path(config).read_text()).get("model") or {}).get("init_args") or {}
+    return init_args.get("backbone")
+
+
+def tiny_overrides(manifest: Path, config: Path | None = None) -> list[str]:
+    """`neurojepa fit` arguments that shrink a downstream experiment to the tiny test grid (8x9x8 tokens).
+
+    Args:
+        manifest: the tiny cohort's manifest.
+        config: the YAML these overrides go with. A CNN-baseline YAML (``backbone: cnn``) keeps its backbone and is
+            shrunk to :data:`TINY_CNN`; every other one runs ``vit_tiny``. Without it, ``vit_tiny``.
+    """
+    if config is not None and _yaml_backbone(config) == "cnn":
+        backbone = ["--model.init_args.backbone_kwargs", json.dumps(TINY_CNN)]
+    else:
+        backbone = [
+            "--model.init_args.backbone",
+            "vit_tiny",
+            "--model.init_args.backbone_kwargs",
+            "{img_size: [32,36,32], patch_size: 4}",
+        ]
     return [
-        "--model.init_args.backbone",
-        "vit_tiny",
-        "--model.init_args.backbone_kwargs",
-        "{img_size: [32,36,32], patch_size: 4}",
+        *backbone,
         "--data.init_args.manifest",
         str(manifest),
         "--data.init_args.spatial_size",

@@ -6,6 +6,14 @@ InstanceNorm, ReLU and stride-2 max pooling after every convolution, channel wid
 (expansion 8 = "wide"), a fully connected feature layer of 1024 units, and a two-layer linear classifier
 (1024 -> 512 -> K).
 
+It is split like the ViT backbones and their heads, so the downstream modules treat it as one more backbone
+(``backbone: cnn``):
+
+* :class:`CNNEncoder3D`, the backbone: convolutions, pooling and the feature layer; it returns the feature vector as
+  a single token ``[B, 1, feat_dim]``, the ``[B, N, C]`` layout of the ViT backbones;
+* :class:`CNNLinearHead`, the reference's classifier on the mean of those tokens (:meth:`CNNEncoder3D.linear_head`);
+* :class:`SimpleCNN3D`, the two together as one standalone image -> outputs model.
+
 Deliberate differences, so one model serves every grid from the paper's 96x108x96 down to test-sized volumes:
 
 * every convolution and pooling is "same"-padded, so spatial size only halves at each pool (the original used
@@ -22,11 +30,14 @@ classifier 525,826), i.e. 32,599,360 + 513 per extra output.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["SimpleCNN3D"]
+from neurojepa_pl.models.heads import masked_mean
+
+__all__ = ["CNNEncoder3D", "CNNLinearHead", "SimpleCNN3D"]
 
 
 def _conv_stage(in_ch: int, out_ch: int, kernel: int, dilation: int) -> nn.Sequential:
@@ -40,18 +51,45 @@ def _conv_stage(in_ch: int, out_ch: int, kernel: int, dilation: int) -> nn.Seque
     )
 
 
-class SimpleCNN3D(nn.Module):
-    """Wide 4-layer 3D CNN baseline: image ``[B, in_chans, D, H, W]`` -> outputs ``[B, num_outputs]``.
+def _init_weights(module: nn.Module) -> None:
+    """The reference's initialisation: xavier-normal weights, zero biases."""
+    if isinstance(module, (nn.Conv3d, nn.Linear)):
+        nn.init.xavier_normal_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
-    It stands in for a backbone + head pair: ``forward`` returns task outputs, ``forward_features`` the pooled
-    ``[B, feat_dim]`` representation (used for embeddings).
+
+class CNNLinearHead(nn.Module):
+    """The reference classifier: two stacked ``Linear`` layers (no non-linearity in between) on mean-pooled tokens.
+
+    Args:
+        feat_dim: token width C (the CNN's feature layer).
+        num_outputs: number of outputs K.
+        hidden_dim: width between the two layers.
+    """
+
+    def __init__(self, feat_dim: int, num_outputs: int, hidden_dim: int):
+        super().__init__()
+        self.classifier = nn.Sequential(nn.Linear(feat_dim, hidden_dim), nn.Linear(hidden_dim, num_outputs))
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens ``[B, N, C]`` (+ optional bool ``key_mask`` ``[B, N]``) -> outputs ``[B, num_outputs]``."""
+        return self.classifier(masked_mean(x, key_mask))
+
+
+class CNNEncoder3D(nn.Module):
+    """The wide 4-layer 3D CNN as a backbone: image ``[B, in_chans, D, H, W]`` -> one token ``[B, 1, feat_dim]``.
+
+    Its layers keep PyTorch's default initialisation until :meth:`linear_head` builds the classifier: the reference
+    initialises all layers together once the whole model exists, and drawing the random numbers in that order gives
+    the reference's weights for a given seed.
 
     Args:
         in_chans: input channels.
-        num_outputs: number of outputs K (2 logits for binary, L labels, 1 for regression / Cox).
         widths: channels of the four convolution stages (stem 1x1x1, then kernels 3, 5, 3 with dilation 2).
-        feat_dim: width of the fully connected feature layer.
-        hidden_dim: hidden width of the two-layer linear classifier.
+        feat_dim: width of the fully connected feature layer (= ``embed_dim``, the token width).
+        hidden_dim: hidden width of the two-layer classifier :meth:`linear_head` builds (an option of the baseline
+            as a whole, like the rest of ``backbone_kwargs``).
         pool_grid: output grid of the adaptive average pool feeding the feature layer.
     """
 
@@ -61,7 +99,6 @@ class SimpleCNN3D(nn.Module):
     def __init__(
         self,
         in_chans: int = 1,
-        num_outputs: int = 2,
         widths: Sequence[int] = (32, 256, 512, 512),
         feat_dim: int = 1024,
         hidden_dim: int = 512,
@@ -80,16 +117,21 @@ class SimpleCNN3D(nn.Module):
         self.pool = nn.AdaptiveAvgPool3d(tuple(int(g) for g in pool_grid))
         n_cells = int(pool_grid[0]) * int(pool_grid[1]) * int(pool_grid[2])
         self.fc_features = nn.Linear(widths[-1] * n_cells, feat_dim)
-        # The reference classifier is two stacked Linear layers with no non-linearity in between.
-        self.classifier = nn.Sequential(nn.Linear(feat_dim, hidden_dim), nn.Linear(hidden_dim, num_outputs))
-        self.feat_dim = feat_dim
-        self.apply(self._init_weights)
+        self.embed_dim = int(feat_dim)
+        self.hidden_dim = int(hidden_dim)
+        self._initialised = False
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Conv3d, nn.Linear)):
-            nn.init.xavier_normal_(module.weight)
-            nn.init.zeros_(module.bias)
+    def linear_head(self, num_outputs: int) -> CNNLinearHead:
+        """The reference classifier ``feat_dim -> hidden_dim -> num_outputs`` on these features.
+
+        The first call also initialises this encoder, after the head's layers exist, as the reference does.
+        """
+        head = CNNLinearHead(self.embed_dim, num_outputs, self.hidden_dim)
+        if not self._initialised:
+            self.apply(_init_weights)
+            self._initialised = True
+        head.apply(_init_weights)
+        return head
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image ``[B, C_in, D, H, W]`` -> feature vector ``[B, feat_dim]``."""
@@ -97,5 +139,28 @@ class SimpleCNN3D(nn.Module):
         return self.fc_features(z.flatten(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Image ``[B, C_in, D, H, W]`` -> the feature vector as one token ``[B, 1, feat_dim]``."""
+        return self.forward_features(x).unsqueeze(1)
+
+
+class SimpleCNN3D(nn.Module):
+    """The whole baseline as one model: image ``[B, in_chans, D, H, W]`` -> outputs ``[B, num_outputs]``.
+
+    Args:
+        in_chans: input channels.
+        num_outputs: number of outputs K (2 logits for binary, L labels, 1 for regression / Cox).
+        **kwargs: :class:`CNNEncoder3D` options (``widths``, ``feat_dim``, ``hidden_dim``, ``pool_grid``).
+    """
+
+    def __init__(self, in_chans: int = 1, num_outputs: int = 2, **kwargs: Any):
+        super().__init__()
+        self.encoder = CNNEncoder3D(in_chans=in_chans, **kwargs)
+        self.head = self.encoder.linear_head(num_outputs)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image ``[B, C_in, D, H, W]`` -> feature vector ``[B, feat_dim]``."""
+        return self.encoder.forward_features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Image ``[B, C_in, D, H, W]`` -> outputs ``[B, num_outputs]``."""
-        return self.classifier(self.forward_features(x))
+        return self.head(self.encoder(x))

@@ -1,38 +1,46 @@
-"""Downstream LightningModules: classification, regression and time-to-event fine-tuning / probing (docs/method.md §8.1-8.5).
+"""Downstream LightningModules: classification, regression and time-to-event fine-tuning / probing
+(docs/method.md §8.1-8.5).
 
 One base class, :class:`DownstreamModule`, owns the backbone + head, freezing, the optimizer and schedules, the MoE
 bias update, the collection of evaluation predictions across ranks, and the test-time report (``metrics.json`` with
 bootstrap CIs, ``predictions.csv``, figures, TensorBoard). The task classes only choose the outputs, the loss and the
 prediction arrays:
 
-* :class:`ClassificationModule`: binary (2 logits + cross-entropy, docs/method.md §8.3), multiclass (CE), multilabel (BCE over
-  observed labels, ``label_mask``);
+* :class:`ClassificationModule`: binary (2 logits + cross-entropy, docs/method.md §8.3), multiclass (CE), multilabel
+  (BCE over observed labels, ``label_mask``);
 * :class:`RegressionModule`: MSE on standardised targets (train mean/std), reported in target units;
 * :class:`SurvivalModule`: Cox partial likelihood with risk sets gathered across ranks (docs/method.md §8.5 fixed).
 
 Backbone regimes (``finetune``): ``"full"`` trains backbone and head (the reference's default), ``"probe"`` trains an
 attentive head on a frozen backbone, ``"frozen"`` a linear head on a frozen backbone. A frozen backbone is kept in
-eval mode and run under ``no_grad``. ``head="cnn"`` replaces backbone + head by the from-scratch CNN baseline.
+eval mode and run under ``no_grad``. ``backbone="cnn"`` is the from-scratch CNN baseline
+(:class:`neurojepa_pl.models.cnn.CNNEncoder3D`, one feature token per scan) under its reference linear classifier,
+trained end to end (``head="linear"``, ``finetune="full"``).
+
+Construction: the base ``__init__`` checks the options, saves the hyper-parameters and then calls the builders
+:meth:`DownstreamModule.build_backbone` and :meth:`DownstreamModule.build_head`; a subclass overrides the part it
+changes (the multimodal module: the head) and nothing is built twice.
 
 Validation logs ``val/selection`` (higher is better: 0.5·AUROC + 0.5·AP, −MAE, C-index) for
 ``ModelCheckpoint(monitor="val/selection", mode="max")``. All evaluation metrics use the predictions of every rank.
 
-Deliberate differences from the reference: regression targets are standardised (docs/method.md §8.4 computes the statistics,
-then trains on raw years; ``standardize_targets=False`` restores that); Cox risk sets and the C-index span all ranks;
-MoE routing counts are reset at the start of every training epoch so evaluation forwards can never leak into a bias
-update (docs/method.md §3.4 [BUG]); layer-wise lr decay is available (off by default).
+Deliberate differences from the reference: regression targets are standardised (docs/method.md §8.4 computes the
+statistics, then trains on raw years; ``standardize_targets=False`` restores that); Cox risk sets and the C-index span
+all ranks; MoE routing counts are reset at the start of every training epoch so evaluation forwards can never leak
+into a bias update (docs/method.md §3.4 [BUG]); layer-wise lr decay is available (off by default).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
+import types
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
@@ -42,9 +50,10 @@ from neurojepa_pl.losses.cox import cox_ph_loss, gather_survival_batch
 from neurojepa_pl.metrics.predictions import write_predictions
 from neurojepa_pl.metrics.report import log_figures, save_figures, write_metrics_json
 from neurojepa_pl.metrics.tasks import bootstrap_task_metrics, compute_task_metrics, task_figures
-from neurojepa_pl.models import balance_bias_update, build_encoder, ddp_ignored_buffer_names, load_backbone
-from neurojepa_pl.models.cnn import SimpleCNN3D
+from neurojepa_pl.models import build_encoder, ddp_ignored_buffer_names, load_backbone
+from neurojepa_pl.models.cnn import CNNEncoder3D
 from neurojepa_pl.models.heads import AttentiveClassifier, LinearProbe, masked_mean
+from neurojepa_pl.models.moe import rebalance_moe_layers_
 from neurojepa_pl.modules.finetune_optim import DownstreamSchedule, build_param_groups
 from neurojepa_pl.modules.prediction_store import PredictionStore
 
@@ -53,7 +62,9 @@ log = logging.getLogger(__name__)
 __all__ = ["DownstreamModule", "ClassificationModule", "RegressionModule", "SurvivalModule", "METADATA_KEYS"]
 
 FINETUNE_MODES = ("probe", "full", "frozen")
-HEADS = ("attentive", "linear", "cnn")
+HEADS = ("attentive", "linear")
+CNN_BACKBONE = "cnn"
+"""``backbone`` name of the from-scratch CNN baseline (:class:`neurojepa_pl.models.cnn.CNNEncoder3D`)."""
 CLASSIFICATION_TASKS = ("binary", "multiclass", "multilabel")
 METADATA_KEYS = ("subject_id", "session_id", "modality", "path")
 """Batch metadata carried into ``predictions.csv`` and prediction outputs (string lists)."""
@@ -65,6 +76,37 @@ def _batch_size(batch: dict) -> int:
     return int(batch["image"].shape[0])
 
 
+def _check_cnn_options(head: str, finetune: str, checkpoint: str | None, layer_decay: float | None) -> None:
+    """The from-scratch CNN baseline is trained end to end, from random init, under its reference classifier."""
+    problems = []
+    if finetune != "full":
+        problems.append(f"finetune: full (got {finetune!r}; a frozen random-init CNN learns nothing)")
+    if checkpoint is not None:
+        problems.append(f"checkpoint: null (got {checkpoint!r}; pretrained checkpoints hold ViT weights, not CNN ones)")
+    if layer_decay is not None:
+        problems.append(f"layer_decay: null (got {layer_decay}; it scales the lr per transformer block)")
+    if head != "linear":
+        problems.append(f"head: linear (got {head!r}; the reference's two-layer linear classifier)")
+    if problems:
+        raise ValueError("backbone='cnn' is the from-scratch CNN baseline; set " + "; ".join(problems) + ".")
+
+
+def _outermost_init_frame(module: nn.Module) -> types.FrameType:
+    """Frame of the most derived ``__init__`` running on ``module``, for the base ``__init__`` to call.
+
+    Its arguments are what the caller passed, hence what ``load_from_checkpoint`` must pass back: the base class saves
+    them as the hyper-parameters, and the arguments a task class fixes itself (``task="regression"``,
+    ``num_outputs``) stay out of them.
+    """
+    here = inspect.currentframe()
+    assert here is not None and here.f_back is not None  # CPython always has frames
+    frame: types.FrameType | None = here.f_back  # the base __init__
+    outermost = here.f_back
+    while frame is not None and frame.f_code.co_name == "__init__" and frame.f_locals.get("self") is module:
+        outermost, frame = frame, frame.f_back
+    return outermost
+
+
 class DownstreamModule(LightningModule):
     """Shared machinery of the downstream tasks (not instantiated directly; use a task class).
 
@@ -72,18 +114,20 @@ class DownstreamModule(LightningModule):
         task: task name (set by the subclass).
         num_outputs: head outputs K (set by the subclass).
         backbone: registry name of the encoder (random init unless ``checkpoint`` is given; then it names the
-            architecture when the checkpoint stores none, and must agree when it does).
+            architecture when the checkpoint stores none, and must agree when it does), or ``"cnn"`` for the
+            from-scratch CNN baseline (needs ``head="linear"``, ``finetune="full"``, no checkpoint, no layer decay).
         checkpoint: pretrained weights (Lightning checkpoint, exported folder, safetensors, reference checkpoint),
             loaded strictly with :func:`neurojepa_pl.models.load_backbone`.
         checkpoint_which: ``"target"`` (EMA encoder, default) or ``"context"`` for checkpoints holding both.
         backbone_kwargs: encoder constructor overrides (``img_size``, ``patch_size``,
-            ``use_activation_checkpointing``, ...).
-        head: ``"attentive"`` (docs/method.md §8.2), ``"linear"`` (mean-pooled tokens) or ``"cnn"`` (from-scratch baseline).
+            ``use_activation_checkpointing``, ...); for the CNN its :class:`neurojepa_pl.models.cnn.CNNEncoder3D`
+            options (``widths``, ``feat_dim``, ``hidden_dim``, ``pool_grid``).
+        head: ``"attentive"`` (docs/method.md §8.2) or ``"linear"`` (mean-pooled tokens; on the CNN, its reference
+            two-layer linear classifier).
         head_depth: attentive head blocks including the cross-attention block.
         head_heads: attentive head attention heads.
         finetune: ``"full"``, ``"probe"`` (frozen backbone, attentive head) or ``"frozen"`` (frozen backbone, linear
             head).
-        cnn_kwargs: :class:`neurojepa_pl.models.cnn.SimpleCNN3D` overrides (``widths``, ``feat_dim``, ...).
         lr: peak learning rate.
         start_lr: learning rate at the start of warm-up.
         final_lr: learning rate at the end of the cosine.
@@ -117,7 +161,6 @@ class DownstreamModule(LightningModule):
         head_depth: int = 3,
         head_heads: int = 16,
         finetune: str = "probe",
-        cnn_kwargs: dict | None = None,
         lr: float = 3e-5,
         start_lr: float = 0.0,
         final_lr: float = 0.0,
@@ -137,14 +180,12 @@ class DownstreamModule(LightningModule):
     ):
         super().__init__()
         if head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}; got {head!r}.")
+            moved = " (the CNN baseline is now backbone: cnn, head: linear, with cnn_kwargs as backbone_kwargs)"
+            raise ValueError(f"head must be one of {HEADS}; got {head!r}{moved if head == 'cnn' else ''}.")
         if finetune not in FINETUNE_MODES:
             raise ValueError(f"finetune must be one of {FINETUNE_MODES}; got {finetune!r}.")
-        if head == "cnn" and (finetune != "full" or checkpoint is not None or layer_decay is not None):
-            raise ValueError(
-                "head='cnn' is the from-scratch CNN baseline: it needs finetune='full', checkpoint=null "
-                "and layer_decay=null."
-            )
+        if backbone == CNN_BACKBONE:
+            _check_cnn_options(head, finetune, checkpoint, layer_decay)
         if finetune == "probe" and head != "attentive":
             raise ValueError(
                 "finetune='probe' trains an attentive head on a frozen backbone; set head: attentive, "
@@ -170,7 +211,14 @@ class DownstreamModule(LightningModule):
             raise ValueError(f"checkpoint_which must be 'target' or 'context'; got {checkpoint_which!r}.")
         self.task = task
         self.num_outputs = int(num_outputs)
+        self.finetune = finetune
+        self.backbone_name = backbone
+        self.backbone_kwargs = dict(backbone_kwargs or {})
+        self.checkpoint_path = checkpoint
+        self.checkpoint_which = checkpoint_which
         self.head_kind = head
+        self.head_depth = int(head_depth)
+        self.head_heads = int(head_heads)
         self.lr = float(lr)
         self._settings = dict(
             start_lr=start_lr,
@@ -189,34 +237,52 @@ class DownstreamModule(LightningModule):
         self.bootstrap_seed = int(bootstrap_seed)
         self.output_dir = output_dir
         self.class_names = list(class_names) if class_names is not None else None
-        self.backbone_name = backbone
-        self.checkpoint_path = checkpoint
+        # Saved before the builders run, so a subclass's builder can read its own options from self.hparams.
+        self.save_hyperparameters(frame=_outermost_init_frame(self))
 
-        if head == "cnn":
-            self.backbone = None
-            self.head = SimpleCNN3D(in_chans=1, num_outputs=self.num_outputs, **(cnn_kwargs or {}))
-        else:
-            if checkpoint is not None:
-                self.backbone = load_backbone(
-                    checkpoint, strict=True, which=checkpoint_which, name=backbone, overrides=backbone_kwargs
-                )
-            else:
-                self.backbone = build_encoder(backbone, **(backbone_kwargs or {}))
-            embed_dim = int(self.backbone.embed_dim)
-            if head == "attentive":
-                self.head = AttentiveClassifier(embed_dim, self.num_outputs, depth=head_depth, num_heads=head_heads)
-            else:
-                self.head = LinearProbe(embed_dim, self.num_outputs)
-            if self.backbone_frozen:
-                self.backbone.requires_grad_(False)
-                self.backbone.eval()
-            # MoE routing counts differ per rank and are all-reduced at the bias update: DDP must not broadcast them.
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                self, [f"backbone.{name}" for name in ddp_ignored_buffer_names(self.backbone)]
-            )
+        self.backbone = self.build_backbone()
+        self.head = self.build_head()
+        if self.backbone_frozen:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+        # MoE routing counts differ per rank and are all-reduced at the bias update: DDP must not broadcast them.
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            self, [f"backbone.{name}" for name in ddp_ignored_buffer_names(self.backbone)]
+        )
         self.schedule: DownstreamSchedule | None = None
         self._stores = {"val": PredictionStore(), "test": PredictionStore()}
         self.test_results: dict[str, tuple[float, float, float]] | None = None
+
+    # ------------------------------------------------------------------ builders (called once by __init__)
+    def build_backbone(self) -> nn.Module:
+        """The backbone: image ``[B, 1, D, H, W]`` -> tokens ``[B, N, C]``, with an ``embed_dim`` attribute (C).
+
+        The from-scratch CNN for ``backbone="cnn"`` (one token), else the registry encoder, loaded strictly from
+        ``checkpoint`` when one is given.
+        """
+        if self.backbone_name == CNN_BACKBONE:
+            return CNNEncoder3D(**self.backbone_kwargs)
+        if self.checkpoint_path is not None:
+            return load_backbone(
+                self.checkpoint_path,
+                strict=True,
+                which=self.checkpoint_which,
+                name=self.backbone_name,
+                overrides=self.backbone_kwargs,
+            )
+        return build_encoder(self.backbone_name, **self.backbone_kwargs)
+
+    def build_head(self) -> nn.Module:
+        """The head on the backbone's tokens: ``[B, N, C]`` -> outputs ``[B, K]``.
+
+        A backbone with its own ``linear_head`` (the CNN's reference classifier) supplies the linear head.
+        """
+        embed_dim = int(self.backbone.embed_dim)
+        if self.head_kind == "attentive":
+            return AttentiveClassifier(embed_dim, self.num_outputs, depth=self.head_depth, num_heads=self.head_heads)
+        if hasattr(self.backbone, "linear_head"):
+            return self.backbone.linear_head(self.num_outputs)
+        return LinearProbe(embed_dim, self.num_outputs)
 
     # ------------------------------------------------------------------ task hooks (subclasses)
     def compute_loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -238,14 +304,12 @@ class DownstreamModule(LightningModule):
     # ------------------------------------------------------------------ model
     def train(self, mode: bool = True) -> DownstreamModule:
         super().train(mode)
-        if self.backbone is not None and self.backbone_frozen:
+        if self.backbone_frozen:
             self.backbone.eval()  # a frozen backbone never runs in training mode (no dropout / MoE counting)
         return self
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """Backbone tokens ``[B, N, C]`` of ``image`` ``[B, 1, D, H, W]`` (no_grad when frozen)."""
-        if self.backbone is None:
-            raise RuntimeError("the CNN baseline has no token backbone; use forward / embed.")
         if self.backbone_frozen:
             with torch.no_grad():
                 return self.backbone(image)
@@ -253,16 +317,11 @@ class DownstreamModule(LightningModule):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Image ``[B, 1, D, H, W]`` -> head outputs ``[B, K]`` (logits, standardised value or log-risk)."""
-        if self.backbone is None:
-            return self.head(image)
         return self.head(self.encode(image))
 
     def forward_with_embedding(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(outputs [B, K], embedding [B, C])``; the embedding is the mean of the backbone tokens (the CNN's
         feature layer for the baseline), independent of the task head."""
-        if self.backbone is None:
-            features = self.head.forward_features(image)
-            return self.head.classifier(features), features
         tokens = self.encode(image)
         return self.head(tokens), masked_mean(tokens)
 
@@ -298,7 +357,7 @@ class DownstreamModule(LightningModule):
 
     def configure_optimizers(self) -> dict:
         s = self._settings
-        backbone = None if (self.backbone is None or self.backbone_frozen) else self.backbone
+        backbone = None if self.backbone_frozen else self.backbone
         groups = build_param_groups(backbone, self.head, s["head_lr_scale"], s["layer_decay"])
         per_epoch, total = self._schedule_steps()
         wd = float(s["weight_decay"])
@@ -333,7 +392,7 @@ class DownstreamModule(LightningModule):
     # ------------------------------------------------------------------ MoE balancing
     def moe_layers(self) -> list[nn.Module]:
         """The backbone's MoE layers (empty for dense backbones and the CNN)."""
-        if self.backbone is None or not hasattr(self.backbone, "moe_layers"):
+        if not hasattr(self.backbone, "moe_layers"):
             return []
         return list(self.backbone.moe_layers())
 
@@ -355,20 +414,12 @@ class DownstreamModule(LightningModule):
             for layer in layers:
                 layer.counts.zero_()
             return
-        counts = torch.stack([layer.counts for layer in layers])  # [L, E]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-        min_vio, max_vio = [], []
-        for layer, layer_counts in zip(layers, counts):
-            new_bias, lo, hi = balance_bias_update(
-                layer.gate.bias, layer_counts, self.moe_bias_update_rate, proportional=False, clip=self.moe_bias_clip
-            )
-            layer.gate.bias.copy_(new_bias)
-            layer.counts.zero_()
-            min_vio.append(lo)
-            max_vio.append(hi)
-        self.log("train/moe_min_vio", torch.stack(min_vio).mean(), on_step=True, on_epoch=False)
-        self.log("train/moe_max_vio", torch.stack(max_vio).mean(), on_step=True, on_epoch=False)
+        # Fine-tuning: sign rule at a fixed rate (docs/method.md §3.3); the counts are summed over ranks inside.
+        min_vio, max_vio = rebalance_moe_layers_(
+            layers, self.moe_bias_update_rate, proportional=False, clip=self.moe_bias_clip
+        )
+        self.log("train/moe_min_vio", min_vio, on_step=True, on_epoch=False)
+        self.log("train/moe_max_vio", max_vio, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -447,11 +498,9 @@ class DownstreamModule(LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         dm_hparams = getattr(datamodule, "hparams", {}) or {}
         extra = {
-            "backbone": self.backbone_name if self.backbone is not None else "cnn",
+            "backbone": self.backbone_name,
             "head": self.head_kind,
-            "finetune": "full"
-            if not self.backbone_frozen
-            else ("probe" if self.head_kind == "attentive" else "frozen"),
+            "finetune": self.finetune,
             "pretrained_checkpoint": self.checkpoint_path,
             "evaluated_checkpoint": self.trainer.ckpt_path,
             "class_names": self.class_names,
@@ -493,11 +542,12 @@ class ClassificationModule(DownstreamModule):
         if task not in CLASSIFICATION_TASKS:
             raise ValueError(f"ClassificationModule task must be one of {CLASSIFICATION_TASKS}; got {task!r}.")
         if task == "binary" and num_classes != 2:
-            raise ValueError(f"binary classification uses 2 logits (docs/method.md §8.3); set num_classes: 2 (got {num_classes}).")
+            raise ValueError(
+                f"binary classification uses 2 logits (docs/method.md §8.3); set num_classes: 2 (got {num_classes})."
+            )
         if num_classes < 1 or (task == "multiclass" and num_classes < 2):
             raise ValueError(f"num_classes={num_classes} is not valid for task {task!r}.")
         super().__init__(task=task, num_outputs=num_classes, **kwargs)
-        self.save_hyperparameters()
 
     def compute_loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
         if self.task == "multilabel":
@@ -545,7 +595,6 @@ class RegressionModule(DownstreamModule):
         **kwargs: Any,
     ):
         super().__init__(task="regression", num_outputs=1, **kwargs)
-        self.save_hyperparameters()
         self.standardize_targets = bool(standardize_targets)
         self.target_unit = target_unit
         if target_std is not None and target_std <= 0:
@@ -611,8 +660,8 @@ class RegressionModule(DownstreamModule):
 
 
 class SurvivalModule(DownstreamModule):
-    """Time-to-event with a Cox head (docs/method.md §8.5): the head outputs the log-risk; loss = Cox partial likelihood over
-    the batch gathered from all ranks; metric = Harrell's C-index over all ranks' predictions.
+    """Time-to-event with a Cox head (docs/method.md §8.5): the head outputs the log-risk; loss = Cox partial
+    likelihood over the batch gathered from all ranks; metric = Harrell's C-index over all ranks' predictions.
 
     Args:
         cox_ties: ``"breslow"`` or ``"efron"``.
@@ -633,7 +682,6 @@ class SurvivalModule(DownstreamModule):
         if cox_ties not in ("breslow", "efron"):
             raise ValueError(f"cox_ties must be 'breslow' or 'efron'; got {cox_ties!r}.")
         super().__init__(task="survival", num_outputs=1, head_depth=head_depth, **kwargs)
-        self.save_hyperparameters()
         self.cox_ties = cox_ties
         self.cox_l2 = float(cox_l2)
         self.time_unit = time_unit

@@ -49,7 +49,7 @@ def build_param_groups(
     Only parameters with ``requires_grad`` are included (a frozen backbone contributes nothing).
 
     Args:
-        backbone: the encoder (``None`` for the from-scratch CNN, which is all "head").
+        backbone: the encoder (the ViT, or the from-scratch CNN's convolutional encoder).
         head: the task head.
         head_lr_scale: lr multiplier of the head groups.
         layer_decay: per-depth lr decay of the backbone (``None`` = off); needs a backbone with ``blocks``.

@@ -1,11 +1,14 @@
-"""Multimodal fusion fine-tuning (docs/method.md §8.6; paper Appendix B.4): one shared backbone, one of five fusion heads.
+"""Multimodal fusion fine-tuning (docs/method.md §8.6; paper Appendix B.4): one shared backbone, one of five fusion
+heads.
 
 :class:`MultimodalModule` is a :class:`neurojepa_pl.modules.downstream.ClassificationModule` whose head is a fusion
 head (:mod:`neurojepa_pl.models.fusion`) and whose batches come from
-:class:`neurojepa_pl.data_modules.multimodal.MultimodalDataModule` (``images`` ``[B, M, 1, D, H, W]``, ``validity`` ``[B, M]``).
-Everything else is inherited: backbone construction and loading, full / probe fine-tuning, the optimizer and its
-schedules, the MoE bias update, the evaluation metrics gathered over ranks, ``val/selection``, and the test report
-(``metrics.json`` with bootstrap CIs, ``predictions.csv``, figures).
+:class:`neurojepa_pl.data_modules.multimodal.MultimodalDataModule` (``images`` ``[B, M, 1, D, H, W]``, ``validity``
+``[B, M]``). Of the base class's builders it overrides only
+:meth:`~neurojepa_pl.modules.downstream.DownstreamModule.build_head`. Everything else is inherited: backbone
+construction and loading, full / probe fine-tuning, the optimizer and its schedules, the MoE bias update, the
+evaluation metrics gathered over ranks, ``val/selection``, and the test report (``metrics.json`` with bootstrap CIs,
+``predictions.csv``, figures).
 
 The backbone runs once per step on the valid scans of all modalities stacked along the batch; a missing modality's
 tokens are zeros and the heads ignore them. PoE heads output log-probabilities and train with NLL; the other heads
@@ -19,9 +22,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from neurojepa_pl.models.fusion import FUSION_HEADS, build_fusion_head
-from neurojepa_pl.modules.downstream import METADATA_KEYS, ClassificationModule
+from neurojepa_pl.modules.downstream import CNN_BACKBONE, METADATA_KEYS, ClassificationModule
 
 __all__ = ["MultimodalModule"]
 
@@ -41,8 +45,11 @@ class MultimodalModule(ClassificationModule):
             backbone, trained fusion head).
         **kwargs: :class:`neurojepa_pl.modules.downstream.DownstreamModule` arguments (backbone, checkpoint,
             backbone_kwargs, lr, weight_decay, warmup_epochs, moe_bias_update_rate, n_bootstrap, output_dir, ...);
-            not ``head``/``head_depth``/``head_heads``/``cnn_kwargs``: the fusion head replaces the unimodal head.
+            not ``head``/``head_depth``/``head_heads``: the fusion head replaces the unimodal head. The backbone is a
+            ViT: the CNN baseline (``backbone: cnn``) is unimodal.
     """
+
+    UNIMODAL_HEAD_ARGS = ("head", "head_depth", "head_heads")
 
     def __init__(
         self,
@@ -60,26 +67,39 @@ class MultimodalModule(ClassificationModule):
             raise ValueError(f"multimodal fusion is defined for binary and multiclass tasks; got {task!r}.")
         if finetune not in ("full", "probe"):
             raise ValueError(f"finetune must be 'full' or 'probe' (frozen backbone) for fusion; got {finetune!r}.")
+        unimodal = [name for name in self.UNIMODAL_HEAD_ARGS if name in kwargs]
+        if unimodal:
+            raise TypeError(
+                f"MultimodalModule takes no {unimodal}: the fusion head replaces the unimodal head; set fusion and "
+                "fusion_kwargs."
+            )
+        if kwargs.get("backbone") == CNN_BACKBONE:
+            raise ValueError("the fusion heads run on a ViT backbone; backbone: cnn is the unimodal CNN baseline.")
         modalities = list(modalities) if modalities is not None else ["T1w", "FLAIR"]
-        # The base class builds a unimodal head that is replaced just below: a linear one for "full" (cheapest), a
-        # one-block attentive one for "probe" (the pairing the base class requires for a frozen backbone). Passing
-        # the unimodal head arguments explicitly keeps them out of the CLI and the YAMLs.
+        # The base __init__ saves this call's arguments as the hyper-parameters, then calls build_head (below). Its
+        # unimodal head options are unused here; naming them keeps them out of this class's CLI options, which
+        # jsonargparse reads through **kwargs into the base signature ("attentive" passes the base's finetune check).
         super().__init__(
             task=task,
             num_classes=num_classes,
             finetune=finetune,
-            head="attentive" if finetune == "probe" else "linear",
+            head="attentive",
             head_depth=1,
             head_heads=1,
-            cnn_kwargs=None,
             **kwargs,
         )
-        # ... and out of the checkpoint's hyper-parameters, which loading passes back to __init__.
-        self.save_hyperparameters(ignore=["head", "head_depth", "head_heads", "cnn_kwargs"])
         self.fusion = fusion.removeprefix("vit_")
         self.modalities = modalities
-        self.head = build_fusion_head(
-            self.fusion, int(self.backbone.embed_dim), num_classes, len(modalities), **(fusion_kwargs or {})
+
+    def build_head(self) -> nn.Module:
+        """The fusion head over the modalities' tokens ``[B, M, N, C]`` (+ validity ``[B, M]``) -> ``[B, K]``."""
+        hparams = self.hparams
+        return build_fusion_head(
+            hparams["fusion"].removeprefix("vit_"),
+            int(self.backbone.embed_dim),
+            self.num_outputs,
+            len(hparams["modalities"]),
+            **(hparams["fusion_kwargs"] or {}),
         )
 
     # ------------------------------------------------------------------ model
@@ -162,7 +182,7 @@ class MultimodalModule(ClassificationModule):
     def _write_test_report(self, arrays, metadata) -> dict:
         results = super()._write_test_report(arrays, metadata)
         # metrics.json also records which fusion and modalities produced it (read by `neurojepa mm-gain`); "head"
-        # would otherwise name the placeholder unimodal head.
+        # would otherwise name the base class's unused unimodal head option.
         path = self.resolve_output_dir() / "metrics.json"
         payload = json.loads(path.read_text())
         payload.update(head=f"fusion:{self.fusion}", fusion=self.fusion, modalities=self.modalities)

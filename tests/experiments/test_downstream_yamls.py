@@ -42,7 +42,7 @@ def test_yaml_fits_and_tests_on_tiny_cohort(config, synth_cohort, tmp_path, monk
             "fit",
             "--config",
             str(config),
-            *tiny_overrides(synth_cohort),
+            *tiny_overrides(synth_cohort, config),
             "--model.init_args.output_dir",
             str(out),
             "--model.init_args.n_bootstrap",

@@ -21,6 +21,7 @@ from dist_workers import store_worker  # noqa: E402
 from tiny_data import TinyFinetuneData  # noqa: E402
 
 from neurojepa_pl.metrics.survival import concordance_index  # noqa: E402
+from neurojepa_pl.models.cnn import CNNEncoder3D, CNNLinearHead, SimpleCNN3D  # noqa: E402
 from neurojepa_pl.modules.downstream import ClassificationModule, RegressionModule, SurvivalModule  # noqa: E402
 from neurojepa_pl.modules.finetune_optim import DownstreamSchedule, backbone_layer_id, build_param_groups  # noqa: E402
 
@@ -134,26 +135,69 @@ def test_survival_cindex_is_computed_on_all_predictions(tmp_path):
     assert (tmp_path / "figures" / "kaplan_meier.png").exists()
 
 
+SMALL_CNN = {"widths": [2, 4, 8, 8], "feat_dim": 16, "hidden_dim": 8}
+CNN = dict(backbone="cnn", backbone_kwargs=SMALL_CNN, head="linear", finetune="full", lr=1e-3, warmup_epochs=0)
+
+
 def test_cnn_baseline_fits_and_predicts_embeddings(tmp_path):
-    model = ClassificationModule(
-        task="binary",
-        head="cnn",
-        finetune="full",
-        lr=1e-3,
-        warmup_epochs=0,
-        n_bootstrap=20,
-        cnn_kwargs={"widths": [2, 4, 8, 8], "feat_dim": 16, "hidden_dim": 8},
-        output_dir=str(tmp_path),
-    )
-    assert model.backbone is None
+    model = ClassificationModule(task="binary", n_bootstrap=20, output_dir=str(tmp_path), **CNN)
+    assert isinstance(model.backbone, CNNEncoder3D) and isinstance(model.head, CNNLinearHead)
     trainer = _trainer(max_epochs=1)
     trainer.fit(model, TinyFinetuneData("binary"))
     trainer.test(model, TinyFinetuneData("binary"))
-    _check_report(tmp_path, 12)
+    data, _ = _check_report(tmp_path, 12)
+    assert data["backbone"] == "cnn" and data["head"] == "linear" and data["finetune"] == "full"
     batches = trainer.predict(model, TinyFinetuneData("binary"))
     assert batches[0]["embedding"].shape == (6, 16)
     assert batches[0]["prediction"].shape == (6, 2)
     torch.testing.assert_close(batches[0]["prediction"].sum(1), torch.ones(6))
+    # the embedding is the CNN's feature layer, the head's input
+    batch = next(iter(TinyFinetuneData("binary").predict_dataloader()))
+    with torch.no_grad():
+        features = model.backbone.forward_features(batch["image"])
+    torch.testing.assert_close(batches[0]["embedding"], features)
+
+
+@pytest.mark.parametrize("task,num_classes", [("binary", 2), ("multilabel", 3)])
+def test_cnn_module_is_the_single_model_baseline_at_a_seed(task, num_classes):
+    # Same weights as SimpleCNN3D for the same seed (tests/models/test_cnn.py ties that to the pre-split model), and
+    # every CNN parameter trained, none of them twice.
+    torch.manual_seed(3)
+    model = ClassificationModule(task=task, num_classes=num_classes, **CNN).eval()
+    torch.manual_seed(3)
+    reference = SimpleCNN3D(num_outputs=num_classes, **SMALL_CNN).eval()
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters())
+    for new, ref in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(new, ref)
+    x = torch.randn(4, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+    assert all(p.requires_grad for p in model.parameters())
+    groups = {g["name"]: len(g["params"]) for g in build_param_groups(model.backbone, model.head)}
+    assert groups == {"backbone/decay": 5, "backbone/no_decay": 5, "head/decay": 2, "head/no_decay": 2}
+
+
+def test_fit_checkpoint_reloads_with_its_hparams(tmp_path):
+    # load_from_checkpoint passes the saved hyper-parameters back to __init__: the task class's own arguments only.
+    data = TinyFinetuneData("regression")
+    model = RegressionModule(finetune="full", **TINY)
+    trainer = _trainer(max_epochs=1, limit_val_batches=0)
+    trainer.fit(model, data)
+    assert "task" not in model.hparams and "num_outputs" not in model.hparams
+    assert model.hparams["backbone"] == "vit_tiny" and model.hparams["finetune"] == "full"
+    trainer.save_checkpoint(tmp_path / "reg.ckpt")
+    cnn = ClassificationModule(task="multiclass", num_classes=3, **CNN)
+    _trainer(max_epochs=1, limit_val_batches=0).fit(cnn, TinyFinetuneData("multiclass"))
+    assert dict(cnn.hparams) == {"task": "multiclass", "num_classes": 3, **CNN}
+    cnn.trainer.save_checkpoint(tmp_path / "cnn.ckpt")
+    x = torch.randn(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    for cls, fitted, name in [(RegressionModule, model, "reg"), (ClassificationModule, cnn, "cnn")]:
+        restored = cls.load_from_checkpoint(tmp_path / f"{name}.ckpt").eval()
+        assert dict(restored.hparams) == dict(fitted.hparams)
+        with torch.no_grad():
+            outputs = restored(x)
+            torch.testing.assert_close(outputs, fitted.eval()(x), rtol=0, atol=0)
+            torch.testing.assert_close(restored.prediction_tensor(outputs), fitted.prediction_tensor(outputs))
 
 
 def test_predict_step_returns_mean_token_embedding():
@@ -191,8 +235,16 @@ def test_invalid_combinations_are_rejected():
         ClassificationModule(finetune="probe", moe_bias_update_rate=1e-4, **TINY)
     with pytest.raises(ValueError, match="linear head on a frozen"):
         ClassificationModule(finetune="frozen", **TINY)
-    with pytest.raises(ValueError, match="from-scratch CNN"):
-        ClassificationModule(head="cnn", finetune="probe")
+    for bad, setting in [
+        ({"finetune": "probe", "head": "attentive"}, "finetune: full"),
+        ({"checkpoint": "pretrained.ckpt"}, "checkpoint: null"),
+        ({"layer_decay": 0.75}, "layer_decay: null"),
+        ({"head": "attentive"}, "head: linear"),
+    ]:
+        with pytest.raises(ValueError, match=f"from-scratch CNN baseline; set {setting}"):
+            ClassificationModule(**{**CNN, **bad})
+    with pytest.raises(ValueError, match="backbone: cnn, head: linear, with cnn_kwargs as backbone_kwargs"):
+        ClassificationModule(head="cnn", finetune="full")
     with pytest.raises(ValueError, match="layer_decay"):
         ClassificationModule(finetune="probe", layer_decay=0.75, **TINY)
     with pytest.raises(ValueError, match="2 logits"):

@@ -12,7 +12,9 @@ import torch
 from tiny_data import SplitLoaders
 from torch.utils.data import Dataset
 
-from neurojepa_pl.models.fusion import FUSION_HEADS
+import neurojepa_pl.modules.downstream as downstream
+from neurojepa_pl.models import build_encoder
+from neurojepa_pl.models.fusion import FUSION_HEADS, build_fusion_head
 from neurojepa_pl.modules.multimodal import MultimodalModule
 
 GRID = (16, 16, 16)
@@ -193,6 +195,25 @@ def test_checkpoint_round_trip_rebuilds_the_fusion_head(tmp_path):
     assert type(restored.head).__name__ == "ProductOfExpertsJoint"
 
 
+@pytest.mark.parametrize("finetune", ["full", "probe"])
+def test_only_the_backbone_and_the_fusion_head_are_built(finetune, monkeypatch):
+    def unimodal_head(*args, **kwargs):
+        raise AssertionError("a unimodal head was built")
+
+    monkeypatch.setattr(downstream, "AttentiveClassifier", unimodal_head)
+    monkeypatch.setattr(downstream, "LinearProbe", unimodal_head)
+    model = _model("late", finetune=finetune)
+    # Built once each, in this order, from the seed: the same weights as building just these two.
+    torch.manual_seed(0)
+    backbone = build_encoder("vit_tiny", **TINY["backbone_kwargs"])
+    head = build_fusion_head("late", 64, 2, 2, **FUSION_KWARGS["late"])
+    expected = [*backbone.parameters(), *head.parameters()]
+    assert len(list(model.parameters())) == len(expected)
+    for got, want in zip(model.parameters(), expected, strict=True):
+        assert torch.equal(got, want)
+    assert model.backbone_frozen == (finetune == "probe")
+
+
 def test_setup_rejects_a_different_modality_order():
     model = _model("avg", modalities=["FLAIR", "T1w"])
     with pytest.raises(ValueError, match="modality slots"):
@@ -205,6 +226,7 @@ def test_setup_rejects_a_different_modality_order():
         ({"fusion": "early"}, "fusion must be"),
         ({"task": "regression"}, "binary and multiclass"),
         ({"finetune": "frozen"}, "'full' or 'probe'"),
+        ({"backbone": "cnn", "backbone_kwargs": {}}, "ViT backbone"),
     ],
 )
 def test_bad_arguments(kwargs, message):
