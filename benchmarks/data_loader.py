@@ -1,4 +1,4 @@
-"""Data-loader throughput: the full NIfTI chain vs the persistent cache, both followed by the docs/method.md §1.4 augmentations.
+"""Data-loader throughput: the full NIfTI chain vs the persistent cache, each then augmented as in docs/method.md §1.4.
 
 Writes a few synthetic skull-stripped-looking volumes (182x218x182 float32 .nii.gz with the FSL LAS affine, or a small
 grid with ``--small``), then, with identical DataLoader settings, times one pass over them

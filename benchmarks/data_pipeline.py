@@ -3,10 +3,11 @@
 Writes SynthBrain T1w scans (``--grid mni``: 182x218x182 1 mm ``.nii.gz``, the paper's input; ``--grid model`` for a
 quick run), then times, with the same DataLoader settings (``--workers``, ``--batch-size``), ``--epochs`` passes of
 
-(a) ``nifti_monai``: NIfTI -> docs/method.md §1.2 loading chain -> docs/method.md §1.4 MONAI augmentations, all in the workers;
+(a) ``nifti_monai``: NIfTI -> docs/method.md §1.2 loading chain -> docs/method.md §1.4 MONAI augmentations, all in the
+    workers;
 (b) ``cache_monai``: fast memmap cache (built once, time reported apart) -> MONAI augmentations in the workers;
-(c) ``cache_batched``: fast cache in the workers -> :class:`neurojepa_pl.data_modules.gpu_augment.BatchedAugment` on whole batches in
-    the main process (on ``--device``: ``cpu``, or ``cuda`` when available).
+(c) ``cache_batched``: fast cache in the workers -> :class:`neurojepa_pl.data_modules.gpu_augment.BatchedAugment` on
+    whole batches in the main process (on ``--device``: ``cpu``, or ``cuda`` when available).
 
 Prints JSON: scans/s overall and per worker for each, and the ratios to (a). Worker start-up is included in every
 pass, as in an epoch. Usage::

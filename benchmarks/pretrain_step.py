@@ -11,9 +11,9 @@ random brain-like volumes with the real mask generators and foreground map.
 - baseline: one forward per mask and the per-expert Python loop (the reference's structure).
 
 Both start from the same weights; the loss of both on the same batch is printed as a numerics check. Prints one JSON
-object: scans/s, median step time (the variants alternate step by step), peak memory, FLOPs per scan (``torch.utils.flop_counter``, which does not count SDPA on
-CPU; ``torch._grouped_mm`` is counted with a formula registered here), MFU against the dense bf16 peak of the GPU
-(null on CPU and unknown GPUs) and the ours/baseline ratio.
+object: scans/s, median step time (the variants alternate step by step), peak memory, FLOPs per scan
+(``torch.utils.flop_counter``, which does not count SDPA on CPU; ``torch._grouped_mm`` is counted with a formula
+registered here), MFU against the dense bf16 peak of the GPU (null on CPU and unknown GPUs) and the ours/baseline ratio.
 """
 
 from __future__ import annotations
@@ -92,7 +92,10 @@ def make_batch(module: JEPAPretrainModule, data_args: dict, batch_size: int, dev
 
 
 class Stepper:
-    """A full optimizer update outside Lightning, in the order of docs/method.md §7 (what the callbacks do in a real run)."""
+    """A full optimizer update outside Lightning, in the order of docs/method.md §7.
+
+    It does what the callbacks do in a real run.
+    """
 
     def __init__(self, module: JEPAPretrainModule, device: torch.device) -> None:
         self.module = module.to(device).train()

@@ -1,7 +1,8 @@
 """Base MRI data module: manifest -> validation -> patient splits -> cached, validated scan datasets -> loaders.
 
-Subclasses (:class:`neurojepa_pl.data_modules.pretrain.PretrainDataModule`, :class:`neurojepa_pl.data_modules.finetune.FinetuneDataModule`)
-choose the rows, the per-sample record (labels) and the augmentation of each split.
+Subclasses (:class:`neurojepa_pl.data_modules.pretrain.PretrainDataModule`,
+:class:`neurojepa_pl.data_modules.finetune.FinetuneDataModule`) choose the rows, the per-sample record (labels) and the
+augmentation of each split.
 
 Reproducibility: the training sampler is an :class:`EpochSampler`, whose order is a pure function of
 ``(seed, epoch)`` and which hands the dataset ``(epoch, position, index)`` keys, so that every sample's augmentation
@@ -56,9 +57,9 @@ def epoch_seed(seed: int, epoch: int) -> int:
 class EpochSampler(DistributedSampler):
     """Shuffled or class-weighted sampling whose order is a pure function of ``(seed, epoch)``, sharded by rank.
 
-    Yields ``(epoch, position, index)`` keys (see :class:`neurojepa_pl.data_modules.datasets.MRIScanDataset`), where ``position`` is
-    the place in the epoch's global stream, identical on every rank, so augmentation seeds never repeat within an
-    epoch even when weighted sampling draws one scan twice.
+    Yields ``(epoch, position, index)`` keys (see :class:`neurojepa_pl.data_modules.datasets.MRIScanDataset`), where
+    ``position`` is the place in the epoch's global stream, identical on every rank, so augmentation seeds never repeat
+    within an epoch even when weighted sampling draws one scan twice.
 
     It subclasses ``DistributedSampler`` so that Lightning neither wraps nor replaces it under DDP and calls
     :meth:`set_epoch` at every epoch start (before the loader's workers are created).
@@ -337,7 +338,8 @@ class MRIDataModule(LightningDataModule):
         """Validate the manifest, build the datasets of ``stage`` and run the loading pass once.
 
         Scans that fail are reported (path and reason), written to the quarantine CSV and skipped; more than
-        ``max_failed_fraction`` of the scans attempted so far raises :class:`neurojepa_pl.data_modules.datasets.TooManyFailedScans`.
+        ``max_failed_fraction`` of the scans attempted so far raises
+        :class:`neurojepa_pl.data_modules.datasets.TooManyFailedScans`.
         """
         built = []
         for split in STAGE_SPLITS.get(stage, STAGE_SPLITS[None]):

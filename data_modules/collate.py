@@ -1,4 +1,4 @@
-"""JEPA pretraining collation: batch the samples, compute the token foreground map, draw the masks (docs/method.md §5.3, 6.1).
+"""JEPA pretraining collation: stack the samples, build the token foreground map, draw masks (docs/method.md §5.3, 6.1).
 
 Seeding and "step"
 ------------------

@@ -33,7 +33,8 @@ from neurojepa_pl.data.transforms import (
 log = logging.getLogger(__name__)
 
 SampleKey = int | tuple[int, int, int]
-"""A dataset key: a plain index, or ``(epoch, position, index)`` from :class:`neurojepa_pl.data_modules.base.EpochSampler`."""
+"""A dataset key: a plain index, or ``(epoch, position, index)`` from
+:class:`neurojepa_pl.data_modules.base.EpochSampler`."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -120,7 +121,7 @@ def failure_reason(exc: BaseException) -> str:
 # Dataset
 # ----------------------------------------------------------------------------------------------------------------------
 class _PreloadProbe(Dataset):
-    """Runs the cached chain on one item and returns only ``(index, reason or None)`` (cheap to send between workers)."""
+    """Runs the cached chain on one item; returns only ``(index, reason or None)`` (cheap to send between workers)."""
 
     def __init__(self, persistent: PersistentDataset, expected_shape: tuple[int, ...]):
         self.persistent = persistent

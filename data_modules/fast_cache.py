@@ -1,7 +1,7 @@
 """A fast cache: the deterministic chain run once per scan, all volumes in one memory-mapped ``.npy`` file.
 
 Reading a MONAI ``PersistentDataset`` ``.pt`` file costs about 0.7 ms per scan; one ``np.lib.format`` memmap of shape
-``[N, D, H, W]`` in uint8 or float16 costs 0.3-0.5 ms (data_facts section 3, row d), and the OS page cache shares it
+``[N, D, H, W]`` in uint8 or float16 costs 0.3-0.5 ms (docs/data_notes.md §3, row d), and the OS page cache shares it
 between DataLoader workers. Layout of a cache folder ``<out_dir>/<settings digest>-<dtype>/``:
 
 * ``volumes.npy``: ``[K, *resize_to]`` (uint8: ``round(clip(x, 0, 1) * 255)``, the clip only trims the order-5 spline's

@@ -1,4 +1,6 @@
-"""Fine-tuning data module: one modality, task-shaped labels, class-balanced sampling (docs/method.md §8.3), few-shot (docs/method.md §8.8).
+"""Fine-tuning data module: one modality, task-shaped labels, class-balanced sampling, few-shot.
+
+Class-balanced sampling is docs/method.md §8.3, few-shot §8.8.
 
 Batches (dicts):
 
@@ -60,7 +62,9 @@ def few_shot_subset(df: pd.DataFrame, task: str, label_column: str, k: int, seed
         The selected rows of ``df`` (original index), in shuffled order.
     """
     if task not in FEW_SHOT_TASKS:
-        raise ValueError(f"few-shot sampling is defined for {FEW_SHOT_TASKS} (docs/method.md §8.8); found task {task!r}.")
+        raise ValueError(
+            f"few-shot sampling is defined for {FEW_SHOT_TASKS} (docs/method.md §8.8); found task {task!r}."
+        )
     if k < 1:
         raise ValueError(f"k must be >= 1; found {k}.")
     values = pd.to_numeric(df[label_column], errors="coerce").to_numpy(dtype=float)
@@ -172,7 +176,9 @@ class FinetuneDataModule(MRIDataModule):
         if task == "survival" and (not time_column or not event_column):
             raise ValueError("task 'survival' needs time_column and event_column.")
         if k_shot is not None and task not in FEW_SHOT_TASKS:
-            raise ValueError(f"k_shot is defined for {FEW_SHOT_TASKS} (docs/method.md §8.8: not multilabel, not survival).")
+            raise ValueError(
+                f"k_shot is defined for {FEW_SHOT_TASKS} (docs/method.md §8.8: not multilabel, not survival)."
+            )
         if samples_per_epoch is not None and not (class_balanced and task in CLASS_BALANCED_TASKS):
             raise ValueError(
                 "samples_per_epoch sets the number of weighted draws; it needs class_balanced=True and a "
@@ -311,7 +317,9 @@ class FinetuneDataModule(MRIDataModule):
         if not self.hparams.class_balanced:
             return None
         if self.task not in CLASS_BALANCED_TASKS:
-            log.info("class_balanced has no effect for task %r (all sample weights 1, docs/method.md §8.4/8.5)", self.task)
+            log.info(
+                "class_balanced has no effect for task %r (all sample weights 1, docs/method.md §8.4/8.5)", self.task
+            )
             return None
         records = self._require("train").records
         if self.task == "multilabel":

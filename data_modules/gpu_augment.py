@@ -1,16 +1,16 @@
 """The docs/method.md §1.4 / 1.5 random augmentations, batched, on whatever device the batch lives on.
 
 MONAI applies its random transforms one sample at a time on CPU in the DataLoader workers, where Gaussian noise and
-the bias field cost ~30 ms per scan (data_facts section 3). :class:`BatchedAugment` does the same operations with the
+the bias field cost ~30 ms per scan (docs/data_notes.md §3). :class:`BatchedAugment` does the same operations with the
 same distributions and the same formulas as MONAI (``Flip``, ``RandBiasField``, ``AdjustContrast``,
 ``RandGaussianNoise(sample_std=True)``, ``ShiftIntensity``), batched on the GPU (or CPU), and only computes each
 operation on the samples that drew it. It is written by hand because MONAI has no batched form of these transforms.
 
-Per sample, in this order (docs/method.md §1.4, pretraining): optional centre crop; flip on each of the 3 spatial axes with
-p=0.5 each; bias field exp(sum c_ijk P_i(x) P_j(y) P_k(z)), Legendre degree 3, 20 coefficients ~ U(0, 0.1), p=0.5;
+Per sample, in this order (docs/method.md §1.4, pretraining): optional centre crop; flip on each of the 3 spatial axes
+with p=0.5 each; bias field exp(sum c_ijk P_i(x) P_j(y) P_k(z)), Legendre degree 3, 20 coefficients ~ U(0, 0.1), p=0.5;
 contrast ((x - min) / (range + 1e-7))^gamma * range + min, gamma ~ U(0.6, 1.5), p=0.5; Gaussian noise with
-std ~ U(0, 0.1), p=0.5; intensity shift by U(-0.1, 0.1), p=0.5. Fine-tuning (docs/method.md §1.5): flips with p=0.1, no bias field,
-the rest the same.
+std ~ U(0, 0.1), p=0.5; intensity shift by U(-0.1, 0.1), p=0.5. Fine-tuning (docs/method.md §1.5): flips with p=0.1, no
+bias field, the rest the same.
 
 Randomness: every random number comes from the ``torch.Generator`` passed to :meth:`BatchedAugment.forward` (a CPU
 generator). Parameters are drawn on CPU (so they do not depend on the device); the noise voxels are drawn on the
@@ -124,7 +124,7 @@ class AugmentParameters:
 
 
 class BatchedAugment(nn.Module):
-    """docs/method.md §1.4 (``mode="pretrain"``) or 1.5 (``mode="finetune"``) augmentations on a batch ``[B, C, D, H, W]``.
+    """Augmentations of docs/method.md §1.4 (``mode="pretrain"``) or 1.5 (``mode="finetune"``) on ``[B, C, D, H, W]``.
 
     Args:
         mode: ``"pretrain"`` (flips p=0.5, bias field p=0.5) or ``"finetune"`` (flips p=0.1, no bias field).

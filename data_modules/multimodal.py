@@ -1,4 +1,4 @@
-"""Paired multimodal data (docs/method.md §8.6; paper "Multimodal Fusion Evaluation"): the scans of one session, stacked.
+"""Paired multimodal data (docs/method.md §8.6; paper "Multimodal Fusion Evaluation"): one session's scans, stacked.
 
 One sample is one (subject, session) with up to M modalities in a fixed order (``modalities``, e.g. T1w + FLAIR).
 Batches (dicts):
@@ -17,13 +17,13 @@ so that fusion and unimodal runs see identical samples. ``require_all=False`` ke
 
 Modality dropout (reference p = 0.2): in TRAINING only, with probability p a sample with more than one valid modality
 keeps a uniformly random non-empty proper subset of them. Evaluation is deterministic, a deliberate fix of the
-reference, which applied the drop to validation and test as well (docs/method.md §8.6 [BUG/quirk]). The draw is a pure function
-of (seed, epoch, position in the epoch), like the augmentations, so it does not depend on workers and resumes
+reference, which applied the drop to validation and test as well (docs/method.md §8.6 [BUG/quirk]). The draw is a pure
+function of (seed, epoch, position in the epoch), like the augmentations, so it does not depend on workers and resumes
 exactly; the dropped scan is not even loaded.
 
-Each modality has its own :class:`neurojepa_pl.data_modules.datasets.MRIScanDataset`, so the persistent caches of unimodal runs are
-reused, and each modality of a sample gets its own augmentation draw (the reference augments modalities
-independently, too).
+Each modality has its own :class:`neurojepa_pl.data_modules.datasets.MRIScanDataset`, so the persistent caches of
+unimodal runs are reused, and each modality of a sample gets its own augmentation draw (the reference augments
+modalities independently, too).
 """
 
 from __future__ import annotations
@@ -251,9 +251,9 @@ class MultimodalDataModule(FinetuneDataModule):
         label_columns: the one label column.
         num_classes: number of classes: ``None`` or 2 for binary (YAMLs set 2: Lightning refuses model and data
             hyper-parameters that share a key with different values), required for multiclass.
-        **kwargs: :class:`neurojepa_pl.data_modules.finetune.FinetuneDataModule` / :class:`neurojepa_pl.data_modules.base.MRIDataModule`
-            arguments (batch_size, spatial_size, cache_dir, class_balanced, samples_per_epoch, seed, ...), except
-            ``modality``.
+        **kwargs: :class:`neurojepa_pl.data_modules.finetune.FinetuneDataModule` /
+            :class:`neurojepa_pl.data_modules.base.MRIDataModule` arguments (batch_size, spatial_size, cache_dir,
+            class_balanced, samples_per_epoch, seed, ...), except ``modality``.
     """
 
     def __init__(

@@ -2,8 +2,8 @@
 
 Each path goes through the deterministic loading chain (:func:`neurojepa_pl.data.transforms.loading_transforms`: RAS,
 percentile scaling, optional pad/crop and resampling, foreground crop, resize) and the evaluation transform
-(:func:`neurojepa_pl.data.transforms.eval_transforms`: centre crop to ``spatial_size``), exactly as evaluation batches are
-built, then through the backbone without gradients.
+(:func:`neurojepa_pl.data.transforms.eval_transforms`: centre crop to ``spatial_size``), exactly as evaluation batches
+are built, then through the backbone without gradients.
 """
 
 from __future__ import annotations

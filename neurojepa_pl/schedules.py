@@ -9,9 +9,9 @@ that: :meth:`PretrainSchedule.at` takes the 1-based number ``k`` of the update a
 momentum generator, in contrast, is consumed *after* the update starting at index 0, so the k-th EMA update uses the
 momentum at step ``k - 1``; :meth:`PretrainSchedule.at` applies that offset for you.
 
-A step that is skipped because its loss was not finite does not count as an update (docs/method.md §7: "non-finite losses skip
-the step and the schedules"), so the counter is the number of *applied* updates, which can be smaller than Lightning's
-``global_step``.
+A step that is skipped because its loss was not finite does not count as an update (docs/method.md §7: "non-finite
+losses skip the step and the schedules"), so the counter is the number of *applied* updates, which can be smaller than
+Lightning's ``global_step``.
 """
 
 from __future__ import annotations

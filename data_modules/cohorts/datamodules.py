@@ -4,8 +4,8 @@
 the manifest of that split family with :func:`build_cohort_manifest` in ``prepare_data`` (rank 0) into ``work_dir``
 (default: ``<trainer.default_root_dir>/cohort_manifests``), writes the join report next to it, and from then on behaves
 exactly like :class:`neurojepa_pl.data_modules.finetune.FinetuneDataModule` (every keyword of that class and of
-:class:`neurojepa_pl.data_modules.base.MRIDataModule` is accepted). Multimodal split files (``modality="T1w+FLAIR"``) go through
-:class:`MultimodalCohort`, built on :class:`neurojepa_pl.data_modules.multimodal.MultimodalDataModule`.
+:class:`neurojepa_pl.data_modules.base.MRIDataModule` is accepted). Multimodal split files (``modality="T1w+FLAIR"``) go
+through :class:`MultimodalCohort`, built on :class:`neurojepa_pl.data_modules.multimodal.MultimodalDataModule`.
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ class CohortDataModule(_CohortManifest, FinetuneDataModule):
         task: task of the cohort (``None`` when the cohort has one), e.g. ADNI ``"ad"``, ``"amyloid"``, ``"tte"``.
         modality: ``"T1w"``, ``"T2w"``, ``"FLAIR"`` or ``"DWI"`` (what the cohort publishes).
         data_root: BIDS-like tree of the scans (README: data layout per cohort).
-        split_dir: folder of the published split CSVs (default: the copy shipped with the package, ``published_splits/``).
+        split_dir: folder of the published split CSVs (default: the copy shipped with the package,
+            ``published_splits/``).
         scan_table: instead of ``data_root``: CSV with ``subject_id``, [``session_id``,] ``modality``, ``path``.
         work_dir: where the manifest and join report go (default ``<trainer.default_root_dir>/cohort_manifests``).
         allow_leakage: accept split files that put a subject in two splits (NACC/ADNI amyloid); the subject is kept

@@ -1,4 +1,4 @@
-"""MONAI transform chains: the cached deterministic loading chain (docs/method.md §1.2) and the augmentations (docs/method.md §1.4, 1.5).
+"""MONAI transform chains: the cached deterministic loading chain and the augmentations (docs/method.md §1.2, 1.4, 1.5).
 
 All chains are MONAI dictionary transforms on the key ``"image"``. The loading chain ends at the resized volume
 ``[1, *resize_to]`` (100x120x100 in the paper) which is what the persistent cache stores; the augmentation chains start
@@ -86,8 +86,8 @@ class TransformSettings:
     """Settings of the loading chain and crop size.
 
     Attributes:
-        pad_crop_size: symmetric edge-pad/crop before resampling (docs/method.md §1.2: 180x216x180 trims the MNI 182x218x182 grid by
-            one voxel per side); ``None`` skips the step.
+        pad_crop_size: symmetric edge-pad/crop before resampling (docs/method.md §1.2: 180x216x180 trims the MNI
+            182x218x182 grid by one voxel per side); ``None`` skips the step.
         target_spacing: resampling to this voxel size in mm with an order-5 spline; ``None`` skips the step.
         resize_to: size of the cached volume after the foreground crop ("area" resize, aspect not preserved).
         spatial_size: model input size (centre crop of the cached volume); not part of the cache digest.
@@ -139,7 +139,7 @@ class TransformSettings:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "spatial_size"}
 
     def digest(self) -> str:
-        """Stable 16-hex-digit hash of the cache-relevant settings, :data:`TRANSFORMS_VERSION` and MONAI's minor version.
+        """Stable 16-hex-digit hash: cache-relevant settings, :data:`TRANSFORMS_VERSION` and MONAI's minor version.
 
         Used as the cache sub-directory name, so changing any setting (or the chain's version) never reuses a stale
         cache. ``spatial_size`` is excluded: the crop runs after the cache.
@@ -261,7 +261,10 @@ def loading_transforms(
 
 
 def eval_transforms(settings: TransformSettings) -> Compose:
-    """Evaluation transform (docs/method.md §1.4 test mode / 1.5 val-test): float32, pad-or-crop, centre crop to ``spatial_size``."""
+    """Evaluation transform: float32, pad-or-crop, centre crop to ``spatial_size``.
+
+    The test mode of docs/method.md §1.4 and the validation / test transform of §1.5.
+    """
     k = IMAGE_KEY
     return Compose(
         [
@@ -274,7 +277,9 @@ def eval_transforms(settings: TransformSettings) -> Compose:
 
 
 def pretrain_augmentations(settings: TransformSettings) -> Compose:
-    """docs/method.md §1.4 pretraining augmentation: centre crop, then flips (p=0.5 per axis), bias field, contrast, noise, shift.
+    """Pretraining augmentation of docs/method.md §1.4.
+
+    Centre crop, then flips (p=0.5 per axis), bias field, contrast, noise, shift.
 
     Args:
         settings: only ``spatial_size`` is used.

@@ -12,6 +12,8 @@ The loss is a pure function; it imports nothing of Lightning.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -22,7 +24,8 @@ def _check_survival_inputs(log_risk: torch.Tensor, time: torch.Tensor, event: to
     if log_risk.dim() != 1 or time.shape != log_risk.shape or event.shape != log_risk.shape:
         raise ValueError(
             "cox_ph_loss expects 1-D log_risk, time and event of equal length [B]; got shapes "
-            f"{tuple(log_risk.shape)}, {tuple(time.shape)}, {tuple(event.shape)}. Squeeze the head output [B, 1] -> [B]."
+            f"{tuple(log_risk.shape)}, {tuple(time.shape)}, {tuple(event.shape)}. "
+            "Squeeze the head output [B, 1] -> [B]."
         )
 
 
@@ -107,7 +110,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
         world = dist.get_world_size()
         ctx.rank = dist.get_rank()
         ctx.local_n = tensor.shape[0]
@@ -116,7 +119,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return torch.cat(pieces, dim=0)
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+    def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
         grad = grad_output.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = ctx.rank * ctx.local_n

@@ -102,10 +102,9 @@ def jepa_loss(
         raise ValueError(
             f"Expected the same non-zero number of masks in pred and target; found {len(preds)} and {len(targets)}."
         )
-    weighted = foreground is not None and bg_weight < 1.0
     fgs: list[Tensor | None]
-    if weighted:
-        fgs = list(foreground.unbind(0) if isinstance(foreground, Tensor) else foreground)  # type: ignore[union-attr]
+    if foreground is not None and bg_weight < 1.0:
+        fgs = list(foreground.unbind(0) if isinstance(foreground, Tensor) else foreground)
         if len(fgs) != len(preds):
             raise ValueError(f"Expected one foreground map per mask ({len(preds)}); found {len(fgs)}.")
     else:

@@ -6,8 +6,8 @@ The product of the valid experts, renormalised, is
     log p(y) = sum_e v_e * log_softmax(l_e)(y) - logsumexp_y'( sum_e v_e * log_softmax(l_e)(y') )
 
 with v_e in {0, 1} the validity of expert e. Missing experts are removed from the product (v_e = 0), which fixes the
-reference implementation's bug of letting zero-image placeholders vote (docs/method.md §8.6 [BUG]). The empty product (no valid
-expert) is the uniform distribution; callers guarantee at least one valid expert per sample.
+reference implementation's bug of letting zero-image placeholders vote (docs/method.md §8.6 [BUG]). The empty product
+(no valid expert) is the uniform distribution; callers guarantee at least one valid expert per sample.
 
 Train the result with ``torch.nn.functional.nll_loss`` (it is already a log-probability).
 """

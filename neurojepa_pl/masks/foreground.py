@@ -2,8 +2,8 @@
 
 Two definitions of a foreground voxel, both on ``v = max over channels of |x|`` per sample:
 
-* ``"reference"`` (the reference implementation, docs/method.md §6.1): ``v > p2 + 0.1 * (p98 - p2)``, with the 2nd and 98th
-  percentiles computed on every k-th voxel, ``k = max(1, numel // 100000)``; when ``p98 <= p2`` (a flat volume)
+* ``"reference"`` (the reference implementation, docs/method.md §6.1): ``v > p2 + 0.1 * (p98 - p2)``, with the 2nd and
+  98th percentiles computed on every k-th voxel, ``k = max(1, numel // 100000)``; when ``p98 <= p2`` (a flat volume)
   the threshold is ``fallback_threshold``.
 * ``"percentile"`` (the paper's wording, "background = intensities outside the 2nd-98th percentile range"): the
   percentiles are taken over the non-zero voxels of the same k-th-voxel subsample (skull-stripped background is
@@ -40,7 +40,7 @@ def _as_patch(patch_size: int | Sequence[int]) -> tuple[int, int, int]:
     patch = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size)
     if len(patch) != 3 or not all(isinstance(p, int) and p > 0 for p in patch):
         raise ValueError(f"Expected patch_size as a positive int or three positive ints; found {patch_size!r}.")
-    return patch  # type: ignore[return-value]
+    return patch
 
 
 def foreground_voxel_mask(

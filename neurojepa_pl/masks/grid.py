@@ -1,8 +1,8 @@
 """Token-grid helpers shared by the mask generators: shape checks, 6-neighbour fronts, index extraction.
 
-Token layout (docs/method.md §0): a grid ``(g0, g1, g2)`` = (height, width, depth) = ``(8, 9, 8)`` for the paper, flattened in
-C order, so token id = ``g1*g2*i0 + g2*i1 + i2`` (= ``72*i0 + 8*i1 + i2``). "Kept" (True) means context, masked
-(False) means target.
+Token layout (docs/method.md §0): a grid ``(g0, g1, g2)`` = (height, width, depth) = ``(8, 9, 8)`` for the paper,
+flattened in C order, so token id = ``g1*g2*i0 + g2*i1 + i2`` (= ``72*i0 + 8*i1 + i2``). "Kept" (True) means context,
+masked (False) means target.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def as_grid(grid: Sequence[int]) -> GridShape:
     values = tuple(grid)
     if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
         raise ValueError(f"Expected a token grid of three positive ints (g0, g1, g2), e.g. (8, 9, 8); found {grid!r}.")
-    return values  # type: ignore[return-value]
+    return values
 
 
 def as_foreground_grid(foreground: Tensor, batch_size: int, grid: GridShape) -> Tensor:
@@ -73,13 +73,13 @@ def _any_neighbour(indicator: Tensor) -> Tensor:
         (*indicator.shape[:-3], *(s + 2 for s in indicator.shape[-3:])), dtype=torch.bool, device=indicator.device
     )
     padded[..., 1:-1, 1:-1, 1:-1] = indicator
-    core = (slice(1, -1),) * 3
     out = torch.zeros_like(indicator)
     for axis in range(3):
         for lo, hi in ((0, -2), (2, None)):
-            index = list(core)
-            index[axis] = slice(lo, hi)
-            out |= padded[(..., *index)]
+            # The interior on two axes, shifted by one cell (down, then up) on `axis`.
+            window = [slice(1, -1)] * 3
+            window[axis] = slice(lo, hi)
+            out |= padded[..., window[0], window[1], window[2]]
     return out
 
 

@@ -269,7 +269,7 @@ class MultiscaleBlockMaskGenerator:
 def paper_mask_generators(
     grid: Sequence[int] = (8, 9, 8), foreground_aware: bool = True
 ) -> list[MultiscaleBlockMaskGenerator]:
-    """The paper's three generators (docs/method.md §5.1): 32 blocks at spatial scale 0-0.2, 16 at 0.2-0.5, 4 at 0.5-0.7.
+    """The paper's 3 generators (docs/method.md §5.1): 32 blocks at spatial scale 0-0.2, 16 at 0.2-0.5, 4 at 0.5-0.7.
 
     All use depth scale 0-1, aspect ratio 0.75-1.5 and mask ratio 0.75 (144 context / 432 target tokens on 8x9x8).
 

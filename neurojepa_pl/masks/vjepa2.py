@@ -85,7 +85,7 @@ class VJEPA2BlockMaskGenerator:
         pair = tuple(float(v) for v in value)
         if len(pair) != 2 or not (0.0 <= pair[0] <= pair[1]) or (upper is not None and pair[1] > upper):
             raise ValueError(f"Expected `{name}` = (lo, hi) with 0 <= lo <= hi <= {upper}; found {value!r}.")
-        return pair  # type: ignore[return-value]
+        return pair
 
     def __repr__(self) -> str:
         return (

@@ -2,7 +2,8 @@
 
 Tasks and array conventions:
 
-* ``binary``: ``target`` ``[n]`` in {0, 1}; ``scores`` ``[n]`` = P(class 1) (the softmax of the 2 logits, docs/method.md §8.3).
+* ``binary``: ``target`` ``[n]`` in {0, 1}; ``scores`` ``[n]`` = P(class 1) (the softmax of the 2 logits,
+  docs/method.md §8.3).
 * ``multiclass``: ``target`` ``[n]`` integer classes; ``scores`` ``[n, C]`` class probabilities.
 * ``multilabel``: ``target`` ``[n, L]`` in {0, 1}; ``scores`` ``[n, L]`` sigmoid probabilities; ``label_mask``
   ``[n, L]`` bool (False = label missing for that scan, left out of that label's metrics).

@@ -1,6 +1,6 @@
 """Regression metrics on numpy arrays (MAE, RMSE, R²) computed with torchmetrics, in the target's units (years for
-brain age). Selection score: ``-MAE`` so that "higher is better" holds for every task (docs/method.md §8.4 selects the lowest
-val MAE)."""
+brain age). Selection score: ``-MAE`` so that "higher is better" holds for every task (docs/method.md §8.4 selects the
+lowest val MAE)."""
 
 from __future__ import annotations
 

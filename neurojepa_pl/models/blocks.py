@@ -1,4 +1,4 @@
-"""Pre-norm transformer block shared by the encoder and the predictor, and the reference initialisation (docs/method.md §2.4)."""
+"""The pre-norm transformer block of the encoder and predictor; the reference initialisation (docs/method.md §2.4)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class TransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.attn = GatedRopeAttention(dim, num_heads, attn_gate=attn_gate)
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.mlp: nn.Module = (
+        self.mlp: Mlp | MoEFeedForward = (
             Mlp(dim, int(dim * mlp_ratio)) if moe is None else MoEFeedForward(dim, moe, dispatch=moe_dispatch)
         )
 
@@ -54,11 +54,22 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def run_block(block: TransformerBlock, x: Tensor, rope_cos: Tensor, rope_sin: Tensor, checkpointing: bool) -> Tensor:
+def run_block(block: nn.Module, x: Tensor, rope_cos: Tensor, rope_sin: Tensor, checkpointing: bool) -> Tensor:
     """Run a block, under non-reentrant activation checkpointing when asked and grad is enabled.
 
     The recomputation during backward is flagged to the block's MoE layer (if any) so that its expert ``counts``
     are not incremented twice.
+
+    Args:
+        block: a :class:`TransformerBlock`, or a wrapper of one (FSDP, ``torch.compile``) called the same way;
+            hence ``nn.Module``, which is also what iterating an ``nn.ModuleList`` yields.
+        x: tokens ``[B, N, C]``.
+        rope_cos: ``[B or 1, N, rot]``.
+        rope_sin: ``[B or 1, N, rot]``.
+        checkpointing: recompute the block's activations in backward.
+
+    Returns:
+        ``[B, N, C]``.
     """
     if not (checkpointing and torch.is_grad_enabled()):
         return block(x, rope_cos, rope_sin)

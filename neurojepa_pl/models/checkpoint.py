@@ -26,10 +26,10 @@ import pickle
 import re
 import warnings
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -233,6 +233,9 @@ def _kwargs_from_hparams(
     if spec is None and alias is not None and isinstance(hparams.get(alias[0]), str):
         spec, overrides_key = hparams.get(alias[0]), alias[1]
     overrides = dict(hparams.get(overrides_key) or {})
+    for geometry_key in ("img_size", "patch_size"):  # stated once for all networks (linked from the data module)
+        if hparams.get(geometry_key) is not None:
+            overrides[geometry_key] = hparams[geometry_key]
     if spec is None:
         return None, None
     if isinstance(spec, str):
@@ -308,8 +311,9 @@ def read_checkpoint(source: str | Path, map_location: str | torch.device = "cpu"
         encoders, predictor = _split_roles(obj)
         return LoadedCheckpoint(str(path), encoders, predictor)
     raise ValueError(
-        f"{path}: unrecognised checkpoint with top-level keys {sorted(map(str, obj))[:_MAX_NAMED]}; expected a reference "
-        "checkpoint (encoder/target_encoder/predictor), a Lightning checkpoint (state_dict), or a flat state dict."
+        f"{path}: unrecognised checkpoint with top-level keys {sorted(map(str, obj))[:_MAX_NAMED]}; expected a "
+        "reference checkpoint (encoder/target_encoder/predictor), a Lightning checkpoint (state_dict), or a flat state "
+        "dict."
     )
 
 
@@ -318,7 +322,9 @@ def _shape_signature(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _matching_names(state_dict: StateDict, registry: Mapping[str, dict[str, Any]], build) -> list[str]:
+def _matching_names(
+    state_dict: StateDict, registry: Mapping[str, dict[str, Any]], build: Callable[..., nn.Module]
+) -> list[str]:
     given = {k: tuple(v.shape) for k, v in state_dict.items()}
     matches = []
     for name, kwargs in registry.items():
@@ -334,8 +340,10 @@ def _describe_encoder_shapes(sd: StateDict) -> str:
     blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("blocks.")})
     moe = sorted({int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.endswith("mlp.gate.gate.weight")})
     experts = sd[f"blocks.{moe[0]}.mlp.gate.gate.weight"].shape[0] if moe else 0
+    embed_dim = patch.shape[0] if patch is not None else "?"
+    patch_size = tuple(patch.shape[2:]) if patch is not None else "?"
     return (
-        f"embed_dim={patch.shape[0] if patch is not None else '?'}, patch={tuple(patch.shape[2:]) if patch is not None else '?'}, "
+        f"embed_dim={embed_dim}, patch={patch_size}, "
         f"depth={len(blocks)}, moe_block_indices={moe}, num_experts={experts}"
     )
 
@@ -366,9 +374,11 @@ def infer_predictor_name(state_dict: StateDict) -> str:
     if len(matches) == 1:
         return matches[0]
     width = state_dict.get("predictor_embed.weight")
+    width_shape = tuple(width.shape) if width is not None else "?"
+    num_blocks = len({k.split(".")[1] for k in state_dict if k.startswith("predictor_blocks.")})
     raise ValueError(
-        f"Cannot infer the predictor architecture from the weights (predictor_embed {tuple(width.shape) if width is not None else '?'}, "
-        f"{len({k.split('.')[1] for k in state_dict if k.startswith('predictor_blocks.')})} blocks): "
+        f"Cannot infer the predictor architecture from the weights (predictor_embed {width_shape}, "
+        f"{num_blocks} blocks): "
         f"{'several registry entries match: ' + str(matches) if matches else 'no registry entry matches'}. "
         "Pass name=<registry name>."
     )
@@ -380,8 +390,8 @@ def _resolve_kwargs(
     name: str | None,
     overrides: Mapping[str, Any] | None,
     state_dict: StateDict,
-    config_fn,
-    infer_fn,
+    config_fn: Callable[..., dict[str, Any]],
+    infer_fn: Callable[[StateDict], str],
     description: str,
 ) -> dict[str, Any]:
     if stored_kwargs is not None:
@@ -445,9 +455,12 @@ def load_state_dict_checked(
     model.load_state_dict(loadable, strict=False)
 
 
+_ModuleT = TypeVar("_ModuleT", bound=nn.Module)
+
+
 def _instantiate(
-    cls: type[nn.Module], kwargs: dict[str, Any], state_dict: StateDict, ignore_keys: Iterable[str]
-) -> nn.Module:
+    cls: type[_ModuleT], kwargs: dict[str, Any], state_dict: StateDict, ignore_keys: Iterable[str]
+) -> _ModuleT:
     """Build ``cls(**kwargs)``; skip the (slow, about 8 s for the paper encoder) random init when every tensor will
     be overwritten by a correctly shaped checkpoint tensor, by building on the meta device and allocating empty."""
     with torch.device("meta"):

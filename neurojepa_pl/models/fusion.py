@@ -27,6 +27,8 @@ can treat them alike.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -64,7 +66,8 @@ class FusionHead(nn.Module):
             )
         if validity.shape != tokens.shape[:2]:
             raise ValueError(
-                f"{type(self).__name__} expects validity [B, M] = {tuple(tokens.shape[:2])}; got {tuple(validity.shape)}."
+                f"{type(self).__name__} expects validity [B, M] = {tuple(tokens.shape[:2])}; "
+                f"got {tuple(validity.shape)}."
             )
         validity = validity.bool()
         empty = (~validity.any(dim=1)).nonzero().flatten()
@@ -79,8 +82,8 @@ class FusionHead(nn.Module):
 class LogitAveraging(FusionHead):
     """Logit-averaging ensemble (reference ``vit_avg``).
 
-    Per modality: mean-pooled tokens -> its own ``Linear(C, classes)`` (a ``LinearProbe``); the fused logits are the mean of the valid
-    modalities' logits, sum(v_m * l_m) / sum(v_m). Returns logits ``[B, classes]``.
+    Per modality: mean-pooled tokens -> its own ``Linear(C, classes)`` (a ``LinearProbe``); the fused logits are the
+    mean of the valid modalities' logits, sum(v_m * l_m) / sum(v_m). Returns logits ``[B, classes]``.
     """
 
     def __init__(self, embed_dim: int, num_classes: int, num_modalities: int) -> None:
@@ -97,7 +100,10 @@ class LogitAveraging(FusionHead):
 
 
 class ProjectionHead(nn.Module):
-    """Residual projection of docs/method.md §8.6 ``vit_late``: p = Lin(x); out = Dropout(Lin(GELU(p))) + p. ``[.., C] -> [.., P]``."""
+    """Residual projection of docs/method.md §8.6 ``vit_late``: p = Lin(x); out = Dropout(Lin(GELU(p))) + p.
+
+    Shapes: ``[.., C] -> [.., P]``.
+    """
 
     def __init__(self, in_dim: int, proj_dim: int, dropout: float = 0.1) -> None:
         super().__init__()
@@ -353,8 +359,8 @@ class ProductOfExperts(FusionHead):
 class ProductOfExpertsJoint(ProductOfExperts):
     """Product of experts with a joint head (reference ``vit_poe_joint``; paper ref. [50]).
 
-    Adds an ``AttentiveClassifier`` over the token-concatenated features ``[B, M*N, C]`` as an extra, always-valid expert.
-    The joint head's cross-attention ignores the tokens of missing modalities (key padding mask), so it sees the
+    Adds an ``AttentiveClassifier`` over the token-concatenated features ``[B, M*N, C]`` as an extra, always-valid
+    expert. The joint head's cross-attention ignores the tokens of missing modalities (key padding mask), so it sees the
     concatenation of the valid modalities only. Returns log-probabilities ``[B, classes]`` (train with NLL).
     """
 
@@ -384,7 +390,7 @@ FUSION_HEADS: dict[str, type[FusionHead]] = {
 }
 
 
-def build_fusion_head(name: str, embed_dim: int, num_classes: int, num_modalities: int, **kwargs) -> FusionHead:
+def build_fusion_head(name: str, embed_dim: int, num_classes: int, num_modalities: int, **kwargs: Any) -> FusionHead:
     """Build a fusion head by name.
 
     Args:

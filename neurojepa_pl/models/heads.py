@@ -1,9 +1,10 @@
 """Downstream heads that turn encoder tokens ``[B, N, C]`` into task outputs ``[B, K]``.
 
-* :class:`AttentiveClassifier` is the V-JEPA-style attentive probe of docs/method.md §8.2: ``depth - 1`` plain self-attention
-  blocks, then one cross-attention block whose single learnable query attends over the tokens, then a linear layer.
-* :class:`LinearProbe` is a linear layer on mean-pooled tokens (docs/method.md §8.2 "Linear pooler"; the multimodal ``vit_avg``
-  path uses the same recipe).
+* :class:`AttentiveClassifier` is the V-JEPA-style attentive probe of docs/method.md §8.2: ``depth - 1`` plain
+  self-attention blocks, then one cross-attention block whose single learnable query attends over the tokens, then a
+  linear layer.
+* :class:`LinearProbe` is a linear layer on mean-pooled tokens (docs/method.md §8.2 "Linear pooler"; the multimodal
+  ``vit_avg`` path uses the same recipe).
 
 Both accept an optional boolean ``key_mask`` ``[B, N]`` (``True`` = a real token to attend to / average over), for
 bags with padded tokens (docs/method.md §8.2: supported, never passed by the reference).
@@ -66,7 +67,10 @@ class _SelfAttention(nn.Module):
 
 
 class _Block(nn.Module):
-    """Pre-LN transformer block: x + Attn(LN(x)); x + MLP(LN(x)). LayerNorm eps is PyTorch's 1e-5 (docs/method.md §8.2)."""
+    """Pre-LN transformer block: x + Attn(LN(x)); x + MLP(LN(x)).
+
+    LayerNorm eps is PyTorch's 1e-5 (docs/method.md §8.2).
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
@@ -81,7 +85,10 @@ class _Block(nn.Module):
 
 
 class _CrossAttention(nn.Module):
-    """Queries attend over tokens; Linear q, Linear kv (bias), SDPA and deliberately no output projection (docs/method.md §8.2)."""
+    """Queries attend over tokens; Linear q, Linear kv (bias), SDPA and deliberately no output projection.
+
+    The layout of docs/method.md §8.2.
+    """
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -134,12 +141,13 @@ class AttentivePooler(nn.Module):
         if depth < 1:
             raise ValueError(f"depth must be >= 1 (the cross-attention block counts as one); got {depth}.")
         self.query_tokens = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.blocks = nn.ModuleList(_Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth - 1))
+        blocks = [_Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth - 1)]
+        self.blocks = nn.ModuleList(blocks)
         self.cross_attention_block = _CrossAttentionBlock(embed_dim, num_heads, mlp_ratio)
         self.init_std = init_std
         nn.init.trunc_normal_(self.query_tokens, std=init_std)
         self.apply(self._init_weights)
-        self._rescale_residual_branches()
+        self._rescale_residual_branches(blocks)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -151,11 +159,12 @@ class AttentivePooler(nn.Module):
             nn.init.zeros_(module.bias)
 
     @torch.no_grad()
-    def _rescale_residual_branches(self) -> None:
+    def _rescale_residual_branches(self, blocks: list[_Block]) -> None:
         # Residual branch outputs shrink with depth (divide by sqrt(2 * layer_id)) so deep stacks start near identity.
-        # The cross block reuses "last block index + 1" (1 when there is no self-attention block), as docs/method.md §8.2 states.
+        # The cross block reuses "last block index + 1" (1 when there is no self-attention block), as
+        # docs/method.md §8.2 states.
         last = 0
-        for last, block in enumerate(self.blocks):
+        for last, block in enumerate(blocks):
             block.attn.proj.weight.div_(math.sqrt(2.0 * (last + 1)))
             block.mlp.fc2.weight.div_(math.sqrt(2.0 * (last + 1)))
         self.cross_attention_block.mlp.fc2.weight.div_(math.sqrt(2.0 * (last + 1)))

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from neurojepa_pl.models.blocks import LAYER_NORM_EPS, TransformerBlock, init_transformer_weights, run_block
-from neurojepa_pl.models.rope import RopeDtype, rope_axis_dim, rope_tables, token_positions
+from neurojepa_pl.models.rope import PositionLayout, RopeDtype, rope_axis_dim, rope_tables, token_positions
 from neurojepa_pl.models.vit3d import as_triple, no_weight_decay_names, rope_compute_dtype
 
 __all__ = ["Predictor3D"]
@@ -19,8 +19,8 @@ class Predictor3D(nn.Module):
     """Narrow transformer over [context; mask tokens], sorted by token id (RoPE positions = sorted ids).
 
     Reference names: ``predictor_embed``, ``mask_tokens.{j}`` (``[1, 1, D]``, zero-init), ``predictor_blocks.{i}``,
-    ``predictor_norm``, ``predictor_proj``. The reference only ever uses mask token 0 (docs/method.md §4); the others are kept
-    for weight compatibility.
+    ``predictor_norm``, ``predictor_proj``. The reference only ever uses mask token 0 (docs/method.md §4); the others
+    are kept for weight compatibility.
 
     Args:
         encoder_embed_dim: encoder width Ce (input and output width).
@@ -32,7 +32,8 @@ class Predictor3D(nn.Module):
         patch_size: encoder patch size.
         num_mask_tokens: learnable mask tokens.
         attn_gate: per-head sigmoid attention output gate.
-        rope_layout: ``"reference"`` (the reference predictor's cubic-grid decomposition, docs/method.md §2.2) or ``"grid"``.
+        rope_layout: ``"reference"`` (the reference predictor's cubic-grid decomposition, docs/method.md §2.2) or
+            ``"grid"``.
         rope_dtype: ``"float32"`` or ``"activation"``.
         use_activation_checkpointing: non-reentrant checkpoint per block while grad is enabled.
     """
@@ -67,7 +68,7 @@ class Predictor3D(nn.Module):
         self.grid_size = tuple(i // p for i, p in zip(img, patch))
         self.num_patches = self.grid_size[0] * self.grid_size[1] * self.grid_size[2]
         self.rope_dtype = rope_dtype
-        self._position_layout = "reference_predictor" if rope_layout == "reference" else "grid"
+        self._position_layout: PositionLayout = "reference_predictor" if rope_layout == "reference" else "grid"
         self._rope_axis_dim = rope_axis_dim(embed_dim // num_heads)
         self.grad_checkpointing = use_activation_checkpointing
         self.config: dict[str, Any] = {
@@ -87,12 +88,13 @@ class Predictor3D(nn.Module):
 
         self.predictor_embed = nn.Linear(encoder_embed_dim, embed_dim)
         self.mask_tokens = nn.ParameterList(nn.Parameter(torch.zeros(1, 1, embed_dim)) for _ in range(num_mask_tokens))
-        self.predictor_blocks = nn.ModuleList(
+        blocks = [
             TransformerBlock(embed_dim, num_heads, mlp_ratio=mlp_ratio, attn_gate=attn_gate) for _ in range(depth)
-        )
+        ]
+        self.predictor_blocks = nn.ModuleList(blocks)
         self.predictor_norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
         self.predictor_proj = nn.Linear(embed_dim, encoder_embed_dim)
-        init_transformer_weights(self, self.predictor_blocks)  # mask tokens stay zero (not touched by the init)
+        init_transformer_weights(self, blocks)  # mask tokens stay zero (not touched by the init)
 
     def forward(self, context: Tensor, context_idx: Tensor, target_idx: Tensor, mask_index: int = 0) -> Tensor:
         """Predict target-token features.

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from neurojepa_pl.models.blocks import LAYER_NORM_EPS, TransformerBlock, init_transformer_weights, run_block
 from neurojepa_pl.models.moe import MoEConfig, MoEDispatch, MoEFeedForward
-from neurojepa_pl.models.rope import RopeDtype, rope_axis_dim, rope_tables, token_positions
+from neurojepa_pl.models.rope import PositionLayout, RopeDtype, rope_axis_dim, rope_tables, token_positions
 
 __all__ = ["PatchEmbed3D", "VisionTransformer3D", "no_weight_decay_names", "as_triple", "rope_compute_dtype"]
 
@@ -28,7 +28,7 @@ def as_triple(value: int | Sequence[int], what: str) -> tuple[int, int, int]:
     triple = (value,) * 3 if isinstance(value, int) else tuple(int(v) for v in value)
     if len(triple) != 3 or min(triple) <= 0:
         raise ValueError(f"Expected {what} as a positive int or 3 positive ints; found {value!r}.")
-    return triple  # type: ignore[return-value]
+    return triple
 
 
 def rope_compute_dtype(rope_dtype: RopeDtype, activation: Tensor) -> torch.dtype:
@@ -123,7 +123,7 @@ class VisionTransformer3D(nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1] * self.grid_size[2]
         self.rope_layout = rope_layout
         self.rope_dtype = rope_dtype
-        self._position_layout = "reference_encoder" if rope_layout == "reference" else "grid"
+        self._position_layout: PositionLayout = "reference_encoder" if rope_layout == "reference" else "grid"
         self._rope_axis_dim = rope_axis_dim(embed_dim // num_heads)
         self.grad_checkpointing = use_activation_checkpointing
         self.config: dict[str, Any] = {
@@ -144,7 +144,7 @@ class VisionTransformer3D(nn.Module):
         }
 
         self.patch_embed = PatchEmbed3D(patch, in_chans, embed_dim)
-        self.blocks = nn.ModuleList(
+        blocks = [
             TransformerBlock(
                 embed_dim,
                 num_heads,
@@ -154,9 +154,11 @@ class VisionTransformer3D(nn.Module):
                 moe_dispatch=moe_dispatch,
             )
             for i in range(depth)
-        )
+        ]
+        # The typed list feeds the init; the ModuleList may later hold wrapped blocks (FSDP, compile).
+        self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
-        init_transformer_weights(self, self.blocks)
+        init_transformer_weights(self, blocks)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, masks: Tensor | Sequence[Tensor] | None = None) -> Tensor:
@@ -220,7 +222,7 @@ class VisionTransformer3D(nn.Module):
         cos, sin = rope_tables(positions, self._rope_axis_dim, rope_compute_dtype(self.rope_dtype, tokens))
         return tokens, cos, sin
 
-    def _run_block(self, block: TransformerBlock, tokens: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def _run_block(self, block: nn.Module, tokens: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         return run_block(block, tokens, cos, sin, self.grad_checkpointing)
 
     # ------------------------------------------------------------------ backbone API

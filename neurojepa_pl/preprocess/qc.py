@@ -1,4 +1,4 @@
-"""Quality control of registered scans against the MNI152 template of their modality (paper Methods, docs/method.md §1.1).
+"""Quality control of registered scans against their modality's MNI152 template (paper Methods, docs/method.md §1.1).
 
 For every scan of a per-scan manifest:
 
@@ -6,11 +6,11 @@ For every scan of a per-scan manifest:
    voxel count, original orientation code (reported; the chain reorients to RAS), voxel spacing, shape, raw intensity
    range, foreground fraction (voxels > 0).
 2. **Similarity to the template** (the paper's MI, PSNR and Pearson): the scan goes through the deterministic loading
-   chain of docs/method.md §1.2 (:func:`neurojepa_pl.data.transforms.loading_transforms` settings); the template of its modality
-   (:mod:`.templates`) is resampled into the scan's RAS voxel grid through world coordinates and follows the *same*
-   chain in lockstep (same percentile scaling, pad/crop, spacing, the scan's foreground crop box, resize), so both end
-   on the same model grid. A scan whose data do not sit where its header says (misregistered, flipped axes) or that is
-   drowned in noise therefore scores low. ``qc_pair_transforms`` is tested to give the scan exactly the training
+   chain of docs/method.md §1.2 (:func:`neurojepa_pl.data.transforms.loading_transforms` settings); the template of its
+   modality (:mod:`.templates`) is resampled into the scan's RAS voxel grid through world coordinates and follows the
+   *same* chain in lockstep (same percentile scaling, pad/crop, spacing, the scan's foreground crop box, resize), so
+   both end on the same model grid. A scan whose data do not sit where its header says (misregistered, flipped axes) or
+   that is drowned in noise therefore scores low. ``qc_pair_transforms`` is tested to give the scan exactly the training
    chain's output.
 3. **Thresholds** per modality (``experiments/qc/default_thresholds.yaml``): a scan fails when any metric is below its
    modality's minimum or a conformance check fails; ``qc_reason`` lists every failed check.
@@ -18,7 +18,7 @@ For every scan of a per-scan manifest:
 Metrics (all on the chain outputs, values in [0, 1]):
 
 * MI: mutual information (nats) of the 64x64-bin joint histogram over all voxels, counted with ``numpy.bincount``
-  (written by hand: 2.5x faster than ``histogram2d``, skimage or sklearn, data_facts section 5; values agree).
+  (written by hand: 2.5x faster than ``histogram2d``, skimage or sklearn, docs/data_notes.md §5; values agree).
 * PSNR: ``10 log10(1 / MSE)`` over all voxels (data range 1).
 * Pearson: correlation over the union of the two foregrounds (scan > 0 or template > 0).
 """
@@ -61,7 +61,8 @@ DEFAULT_THRESHOLDS_PATH = Path(__file__).resolve().parents[2] / "experiments" / 
 def mutual_information(a: np.ndarray, b: np.ndarray, bins: int = MI_BINS) -> float:
     """Mutual information (nats) of two same-shaped arrays with values in [0, 1] (clipped), ``bins`` bins each.
 
-    Hand-written joint histogram with one ``numpy.bincount`` because it is the fastest exact way (data_facts 5).
+    Hand-written joint histogram with one ``numpy.bincount`` because it is the fastest exact way
+    (docs/data_notes.md §5).
     """
     if a.shape != b.shape:
         raise ValueError(f"mutual_information needs equal shapes, got {a.shape} and {b.shape}.")

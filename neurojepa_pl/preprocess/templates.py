@@ -1,11 +1,11 @@
 """MNI152 reference templates for registration and QC, built offline from nilearn's packaged ICBM152 2009a maps.
 
 * T1w -> the MNI152 T1 template (nilearn's skull-stripped 2009a T1), cropped exactly to the FSL 182x218x182 1 mm grid.
-* T2w and FLAIR -> a **T2-like template**. The reference registers both to ``mni_icbm152_t2_tal_nlin_asym_09c`` (docs/method.md
-  §1.1), but nilearn ships no T2 map and nothing may download. We synthesise one from the tissue maps with T2 ordering
-  CSF > GM > WM: ``T2 = 1.0 * CSF + 0.55 * GM + 0.35 * WM`` inside the intracranial volume (CSF = ICV - GM - WM as in
-  data_facts section 1), zero outside (skull-stripped like the scans). FLAIR shares it as in the reference; its
-  QC thresholds are separate because FLAIR's dark CSF correlates less with a T2 template.
+* T2w and FLAIR -> a **T2-like template**. The reference registers both to ``mni_icbm152_t2_tal_nlin_asym_09c``
+  (docs/method.md §1.1), but nilearn ships no T2 map and nothing may download. We synthesise one from the tissue maps
+  with T2 ordering CSF > GM > WM: ``T2 = 1.0 * CSF + 0.55 * GM + 0.35 * WM`` inside the intracranial volume
+  (CSF = ICV - GM - WM as in docs/data_notes.md §1), zero outside (skull-stripped like the scans). FLAIR shares it as in
+  the reference; its QC thresholds are separate because FLAIR's dark CSF correlates less with a T2 template.
 * DWI (fine-tuning only, never registered by the reference) -> the T2-like template as well (b=1000 trace images
   are T2-weighted in their contrast ordering), documented so that DWI QC numbers are read with care.
 """
@@ -34,7 +34,7 @@ def load_template(modality: str) -> nib.Nifti1Image:
     Returns:
         A float32 NIfTI image (affine: RAS, origin (-90, -126, -72)).
     """
-    # The MNI maps and the ICV recipe live with SynthBrain's atlas (one implementation of data_facts section 1).
+    # The MNI maps and the ICV recipe live with SynthBrain's atlas (one implementation of docs/data_notes.md §1).
     from neurojepa_pl.synth.atlas import intracranial_mask, load_mni_templates
     from neurojepa_pl.synth.grids import mni_affine
 

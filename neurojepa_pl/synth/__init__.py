@@ -1,6 +1,6 @@
 """SynthBrain: the embedded default cohort (skull-stripped, MNI-registered T1w/T2w/FLAIR with known labels).
 
-Built from nilearn's packaged MNI ICBM152 2009a maps (no download). See DESIGN.md section 5.
+Built from nilearn's packaged MNI ICBM152 2009a maps (no download). See docs/method.md §13.
 
 - ``generate_cohort(out_dir, n_subjects, ...)`` writes NIfTI + ``manifest.csv`` and returns the manifest;
 - ``generate_subject(seed, index, ...)`` renders one subject in memory;

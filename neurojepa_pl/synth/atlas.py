@@ -1,7 +1,7 @@
 """SynthBrain atlas: nilearn's MNI ICBM152 2009a maps and the maps derived from them, on each output grid.
 
 The only real 1 mm brain anatomy available offline ships inside nilearn (T1, GM and WM probability maps, 2009a
-symmetric, 197x233x189). Everything else is derived here (data_facts section 1):
+symmetric, 197x233x189). Everything else is derived here (docs/data_notes.md §1):
 
 - intracranial volume (ICV): ``(T1 > 0) | (GM + WM > 0.3)``, closed, holes filled, dilated by 2 voxels (an
   extra-axial CSF rim); CSF = ``clip(ICV - GM - WM, 0, 1)``;

@@ -9,11 +9,10 @@ RAS millimetres, so nibabel and MONAI ``Orientation`` see RAS without any flip.
 from __future__ import annotations
 
 import re
-from typing import Union
 
 import numpy as np
 
-GridSpec = Union[str, tuple[int, int, int]]
+GridSpec = str | tuple[int, int, int]
 
 MNI_SHAPE: tuple[int, int, int] = (182, 218, 182)
 # World position (mm) of voxel (0, 0, 0) of the FSL 1 mm grid: the 2009a grid (origin (-98, -134, -72)) cropped by
@@ -22,8 +21,8 @@ MNI_ORIGIN_MM: tuple[float, float, float] = (-90.0, -126.0, -72.0)
 # Crop of nilearn's 197x233x189 ICBM152 2009a grid that gives the FSL grid exactly (no interpolation).
 MNI2009A_TO_FSL_CROP: tuple[slice, slice, slice] = (slice(8, 190), slice(8, 226), slice(0, 182))
 MODEL_SHAPE: tuple[int, int, int] = (96, 108, 96)
-# The reference loading chain (docs/method.md §1.2): pad/crop to this, crop foreground (margin 4), resize to RESIZED_SHAPE,
-# then centre-crop to MODEL_SHAPE.
+# The reference loading chain (docs/method.md §1.2): pad/crop to this, crop foreground (margin 4), resize to
+# RESIZED_SHAPE, then centre-crop to MODEL_SHAPE.
 REFERENCE_PAD_SHAPE: tuple[int, int, int] = (180, 216, 180)
 RESIZED_SHAPE: tuple[int, int, int] = (100, 120, 100)
 

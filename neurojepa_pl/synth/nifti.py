@@ -3,8 +3,9 @@
 Volumes are stored as int16 with no intensity scaling (``scl_slope`` unset): the renderer produces "scanner units"
 (signal x site gain x 1000, rounded), which halves file size and gzip time against float32 and looks like real scanner
 output; pipelines rescale by percentiles anyway. A gzip header normally holds the write time (older nibabel
-versions put it there; 5.x writes 0), so here the NIfTI bytes are compressed explicitly with ``gzip.compress(..., mtime=0)`` (no file
-name, fixed time): the same seed gives the same bytes whatever the nibabel version.
+versions put it there; 5.x writes 0), so here the NIfTI bytes are compressed explicitly with
+``gzip.compress(..., mtime=0)`` (no file name, fixed time): the same seed gives the same bytes whatever the nibabel
+version.
 """
 
 from __future__ import annotations

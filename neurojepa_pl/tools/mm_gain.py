@@ -8,7 +8,8 @@ over all fusion methods and the best unimodal performance. For each requested me
 2. pairs the two runs' ``predictions.csv`` rows on the shared test sessions (``subject_id`` + ``session_id``: the
    unimodal run scored the T1w scan, the fusion run the whole session);
 3. reports the gain on those sessions with a paired, class-stratified percentile-bootstrap CI (the same resampled
-   sessions for both runs) and a two-sided paired permutation p-value (via :func:`neurojepa_pl.tools.compare.compare_runs`).
+   sessions for both runs) and a two-sided paired permutation p-value (via
+   :func:`neurojepa_pl.tools.compare.compare_runs`).
 
 Under the paper's protocol (fusion restricted to sessions with every modality, unimodal runs on the same sessions)
 the shared set is the whole test set; when it is not, a warning says how many sessions each run has.

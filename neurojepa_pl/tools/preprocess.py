@@ -1,4 +1,7 @@
-"""`neurojepa preprocess MANIFEST --out DIR`: reorient, N4, affine-register to MNI152, skull-strip (docs/method.md §1.1)."""
+"""`neurojepa preprocess MANIFEST --out DIR`: reorient, N4, affine-register to MNI152, skull-strip.
+
+The paper's preprocessing (docs/method.md §1.1).
+"""
 
 from __future__ import annotations
 
@@ -11,10 +14,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neurojepa preprocess",
         description=(
-            "Preprocess raw scans like the paper (docs/method.md §1.1): reorientation to RAS, ANTs N4 bias correction, 12-DOF "
-            "ANTs affine registration to the MNI152 template of each modality (T1w -> T1; T2w/FLAIR -> T2-like), "
-            "then deepbet skull stripping. Writes OUT/sub-*/ses-*/anat/*.nii.gz, OUT/preprocess_status.csv (ok/failed, "
-            "reason, seconds per scan) and OUT/manifest.csv (the scans that succeeded). Run `neurojepa qc` next."
+            "Preprocess raw scans like the paper (docs/method.md §1.1): reorientation to RAS, ANTs N4 bias correction, "
+            "12-DOF ANTs affine registration to the MNI152 template of each modality (T1w -> T1; T2w/FLAIR -> "
+            "T2-like), then deepbet skull stripping. Writes OUT/sub-*/ses-*/anat/*.nii.gz, OUT/preprocess_status.csv "
+            "(ok/failed, reason, seconds per scan) and OUT/manifest.csv (the scans that succeeded). Run `neurojepa qc` "
+            "next."
         ),
         epilog=(
             "N4 and registration need ANTsPy: pip install 'neurojepa_pl[preprocess]' (antspyx needs numpy < 2.4). "

@@ -88,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         metavar="F",
-        help="multiply every WMH volume by F (default 1; the multimodal WMH task uses 4: FLAIR then carries a clear signal)",
+        help=(
+            "multiply every WMH volume by F (default 1; the multimodal WMH task uses 4: FLAIR then carries a clear "
+            "signal)"
+        ),
     )
     parser.add_argument("--split", action="store_true", help="add a patient-level 60/20/20 train/val/test split column")
     parser.add_argument(

@@ -162,7 +162,8 @@ def test_build_cache_cli(tmp_path, capsys):
 
     manifest_path = make_cohort(tmp_path / "cohort", n_subjects=3)
     argv = ["build-cache", str(manifest_path), "--out", str(tmp_path / "cache"), "--pad-crop-size", "none",
-            "--target-spacing", "none", "--resize-to", "34", "40", "34", "--spatial-size", "32", "36", "32"]  # fmt: skip
+            "--target-spacing", "none", "--resize-to", "34", "40", "34",
+            "--spatial-size", "32", "36", "32"]  # fmt: skip
     assert main(argv) == 0
     assert "3 scans cached, 0 quarantined" in capsys.readouterr().out
     (folder,) = (tmp_path / "cache").iterdir()

@@ -1,4 +1,4 @@
-"""Loading chain (docs/method.md §1.2) and augmentations (docs/method.md §1.4/1.5): order, shapes, ranges, oracles, seeding, digest."""
+"""Loading chain and augmentations (docs/method.md §1.2, 1.4, 1.5): order, shapes, ranges, oracles, seeding, digest."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Token foreground map (docs/method.md §6.1) against hand computations, both definitions, the fallback and the subsampling."""
+"""Token foreground map (docs/method.md §6.1) against hand computations: both definitions, fallback, subsampling."""
 
 from __future__ import annotations
 

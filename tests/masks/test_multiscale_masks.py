@@ -1,5 +1,5 @@
-"""Multiscale block masks (docs/method.md §5.1, 5.2): exact counts, partition, determinism, scale statistics, the phase-2
-ordering rules on hand-made cases, phase 2b, and the foreground preference on a synthetic ellipsoid brain."""
+"""Multiscale block masks (docs/method.md §5.1, 5.2): exact counts, partition, determinism, scale statistics, the
+phase-2 ordering rules on hand-made cases, phase 2b, and the foreground preference on a synthetic ellipsoid brain."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _assert_partition(context: torch.Tensor, target: torch.Tensor, num_tokens: i
 
 
 def _ellipsoid_brain(grid=(8, 9, 8)) -> torch.Tensor:
-    """Token foreground of an ellipsoid filling 94% of each half-axis: 332 of 576 tokens on 8x9x8 (docs/method.md §5.3)."""
+    """Foreground tokens of an ellipsoid filling 94% of each half-axis: 332 of 576 on 8x9x8 (docs/method.md §5.3)."""
     axes = [torch.arange(g, dtype=torch.float32) for g in grid]
     i0, i1, i2 = torch.meshgrid(*axes, indexing="ij")
     centre = [(g - 1) / 2 for g in grid]

@@ -1,6 +1,6 @@
 """Weight I/O: reference key layout (TSV), strict loading, source formats, export round trip, and equality with a
-literal re-implementation of the reference forward (written here from docs/method.md §2.1-2.2, 3.2 and 4, independent of the
-package's modules)."""
+literal re-implementation of the reference forward (written here from docs/method.md §2.1-2.2, 3.2 and 4, independent of
+the package's modules)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Registry names and the measured parameter counts of docs/method.md §2.6 (built on the meta device: no memory, fast)."""
+"""Registry names and measured parameter counts of docs/method.md §2.6 (built on the meta device: no memory, fast)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ def test_mni_maps_match_the_measured_template_facts(mni_maps):
     maps, centres, push = mni_maps
     assert maps.shape == (6, *MNI_SHAPE)
     gm, wm, csf = maps[0], maps[1], maps[2]
-    # data_facts section 1: ICV 2038 ml, CSF 360 ml on the FSL 1 mm grid.
+    # docs/data_notes.md §1: ICV 2038 ml, CSF 360 ml on the FSL 1 mm grid.
     assert float((gm + wm + csf).sum()) / 1000 == pytest.approx(2038, rel=0.01)
     assert float(csf.sum()) / 1000 == pytest.approx(360, rel=0.02)
     # Lateral ventricles: a symmetric pair about 13 mm either side of the midline, not the midline third ventricle.

@@ -86,7 +86,7 @@ def test_tissue_orderings_hold_for_every_session(tiny_subjects):
 
 
 def test_skull_stripped_zero_outside_the_brain(tiny_subjects):
-    for subject, session in _sessions(tiny_subjects[:3]):
+    for _subject, session in _sessions(tiny_subjects[:3]):
         inside = sum(session.tissue[k] for k in session.tissue) > 0
         for image in session.images.values():
             assert not image[~inside].any()
@@ -143,7 +143,7 @@ def test_wmh_scale_paints_proportionally_more_lesion():
 def test_csf_fraction_grows_with_age():
     subjects = [generate_subject(0, i, grid=TINY_GRID, prevalence=HEALTHY, return_tissue=True) for i in range(10)]
     ages, fractions = [], []
-    for subject, session in _sessions(subjects):
+    for _subject, session in _sessions(subjects):
         tissue = session.tissue
         ages.append(session.labels["age"])
         fractions.append(tissue["csf"].sum() / (tissue["gm"] + tissue["wm"] + tissue["csf"]).sum())

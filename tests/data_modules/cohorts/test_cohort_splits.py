@@ -1,4 +1,4 @@
-"""Every registered cohort/task/modality against the real published split files (shipped in data_modules/cohorts/published_splits).
+"""Every registered cohort/task/modality against the real published split files (data_modules/cohorts/published_splits).
 
 Oracles: the row counts of docs/method.md §11, the anomalies it lists (ADNI amyloid FLAIR label spelling and 1 leaked
 subject, NACC amyloid leakage 3/2/2), the exact duplicate rows of the OASIS-3 files, and the per-task sample totals of
