@@ -55,7 +55,7 @@ from neurojepa_pl.models.cnn import CNNEncoder3D
 from neurojepa_pl.models.heads import AttentiveClassifier, LinearProbe, masked_mean
 from neurojepa_pl.models.moe import rebalance_moe_layers_
 from neurojepa_pl.modules.finetune_optim import DownstreamSchedule, build_param_groups
-from neurojepa_pl.modules.prediction_store import PredictionStore
+from neurojepa_pl.metrics.prediction_store import PredictionStore
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from neurojepa_pl.modules.prediction_store import PredictionStore
+from neurojepa_pl.metrics.prediction_store import PredictionStore
 
 
 def store_worker(rank: int, world: int, port: int, out_dir: str) -> None:
