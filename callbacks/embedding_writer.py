@@ -9,11 +9,17 @@ Format: a NumPy ``.npz`` archive (no extra dependency, exact float32 values) wit
   ``path``, ...).
 
 Predictions from every rank are gathered and written once by rank 0; padded duplicates (same ``path``) are dropped.
-Read it back with :func:`read_embeddings`. Usage with any downstream experiment (``predict_split`` chooses the scans)::
+Read it back with :func:`read_embeddings`.
 
-    neurojepa predict --config experiments/finetune/synth_tumour_probe.yaml --ckpt_path best \
-      --trainer.callbacks+=neurojepa_pl.callbacks.embedding_writer.EmbeddingWriter \
-      --trainer.callbacks.output_path runs/embeddings/tumour_test.npz --data.init_args.predict_split test
+``neurojepa predict`` adds this writer by itself when no prediction writer is configured, so with any downstream
+experiment (``data.init_args.predict_split`` chooses the scans, default ``test``)::
+
+    neurojepa predict --config experiments/finetune/synth_tumour_probe.yaml \
+      --ckpt_path runs/finetune/synth_tumour_probe/version_0/checkpoints/best.ckpt
+
+writes ``runs/finetune/synth_tumour_probe/version_0/embeddings_test.npz`` (the run folder of the checkpoint; see
+:mod:`neurojepa_pl.cli`). Another file: ``--trainer.callbacks+=neurojepa_pl.callbacks.embedding_writer.EmbeddingWriter
+--trainer.callbacks.output_path my/embeddings.npz``.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import pandas as pd
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from neurojepa_pl.modules.prediction_store import PredictionStore
+from neurojepa_pl.metrics.prediction_store import PredictionStore
 
 __all__ = ["EmbeddingWriter", "read_embeddings"]
 
@@ -38,22 +44,33 @@ class EmbeddingWriter(BasePredictionWriter):
     """Collect ``predict_step`` outputs (dicts with ``embedding`` and metadata lists) and save them as ``.npz``.
 
     Args:
-        output_path: the ``.npz`` file to write (parent folders are created).
+        output_path: the ``.npz`` file to write (parent folders are created); ``None`` = ``embeddings_<split>.npz``
+            in the trainer's log folder (``<split>`` = the data module's ``predict_split``; see
+            :meth:`resolve_output_path`).
         metadata_keys: metadata columns to keep when present in the outputs.
     """
 
     def __init__(
         self,
-        output_path: str,
+        output_path: str | None = None,
         metadata_keys: Sequence[str] = ("subject_id", "session_id", "modality", "path", "site", "sex"),
     ):
         super().__init__(write_interval="batch")
-        if not str(output_path).endswith(".npz"):
+        if output_path is not None and not str(output_path).endswith(".npz"):
             raise ValueError(f"EmbeddingWriter writes a .npz archive; got output_path={output_path!r}.")
-        self.output_path = Path(output_path)
+        self.output_path = Path(output_path) if output_path is not None else None
         self.metadata_keys = tuple(metadata_keys)
         self._store = PredictionStore(dedupe_key="path")
         self.written: Path | None = None
+
+    def resolve_output_path(self, trainer: Trainer) -> Path:
+        """``output_path``, else ``<trainer.log_dir or default_root_dir>/embeddings_<predict_split>.npz``."""
+        if self.output_path is not None:
+            return self.output_path
+        datamodule = getattr(trainer, "datamodule", None)
+        split = (getattr(datamodule, "hparams", None) or {}).get("predict_split")
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        return folder / (f"embeddings_{split}.npz" if split else "embeddings.npz")
 
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._store.reset()
@@ -85,11 +102,12 @@ class EmbeddingWriter(BasePredictionWriter):
             return
         if not arrays:
             raise RuntimeError("the predict loop produced no batch; nothing to write.")
-        self.output_path.parent.mkdir(parents=True, exist_ok=True)
+        path = self.resolve_output_path(trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
         payload = {k: v.astype(np.float32) for k, v in arrays.items()}
         payload.update({k: np.asarray(v, dtype=str) for k, v in metadata.items()})
-        np.savez(self.output_path, **payload)
-        self.written = self.output_path
+        np.savez(path, **payload)
+        self.written = path
 
 
 def read_embeddings(path: str | Path) -> tuple[np.ndarray, pd.DataFrame, np.ndarray | None]:

@@ -1,4 +1,4 @@
-"""JEPA pretraining data module: T1w/T2w/FLAIR mixed from one manifest, docs/method.md §1.4 augmentation, mask collation.
+"""JEPA pretraining data module: T1w/T2w/FLAIR from one manifest, docs/method.md §1.4 augmentation, mask collation.
 
 Mask stream: batch ``i`` of epoch ``e`` gets mask step ``e * batches_per_epoch + i``. The sampler's ``set_epoch`` (which
 Lightning calls at every epoch start, before the loader's workers are created) moves the collator there, so masks,

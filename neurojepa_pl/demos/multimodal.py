@@ -33,7 +33,16 @@ import pandas as pd
 
 from neurojepa_pl.demos.probe_table import cli_value, fit_and_test, format_with_ci, read_pretraining_setup, report_row
 
-__all__ = ["ensure_wmh_cohort", "plan_runs", "run_all", "format_tables", "main", "FUSIONS", "RANDOM_INIT_SETUP"]
+__all__ = [
+    "ensure_wmh_cohort",
+    "plan_runs",
+    "run_all",
+    "format_tables",
+    "build_parser",
+    "main",
+    "FUSIONS",
+    "RANDOM_INIT_SETUP",
+]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "experiments" / "multimodal"
@@ -193,8 +202,9 @@ def format_tables(runs: pd.DataFrame, gain_t1w: pd.DataFrame, gain_best: pd.Data
         "|---|---|---|---|---|---|",
     ]
     for row in runs.to_dict("records"):
+        auroc = format_with_ci(row["auroc"], row["auroc_ci_low"], row["auroc_ci_high"])
         lines.append(
-            f"| {row['run']} | {row['modalities']} | {format_with_ci(row['auroc'], row['auroc_ci_low'], row['auroc_ci_high'])} "
+            f"| {row['run']} | {row['modalities']} | {auroc} "
             f"| {format_with_ci(row['ap'], row['ap_ci_low'], row['ap_ci_high'])} | {row['n_test']} "
             f"| {row['fit_test_seconds']:.0f} |"
         )
@@ -214,7 +224,8 @@ def format_tables(runs: pd.DataFrame, gain_t1w: pd.DataFrame, gain_best: pd.Data
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The demo's command line; unknown options go to every ``neurojepa fit`` (``parse_known_args``)."""
     parser = argparse.ArgumentParser(
         prog="python -m neurojepa_pl.demos.multimodal", description=__doc__.split("\n\n")[0]
     )
@@ -230,7 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--wmh-scale", type=float, default=4.0, help="WMH volume multiplier of the generated cohort")
     parser.add_argument("--epochs", type=int, default=15, help="epochs of every run")
     parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate of every head")
-    args, extra = parser.parse_known_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, extra = build_parser().parse_known_args(argv)
     manifest = ensure_wmh_cohort(args.workdir, args.subjects, args.seed, args.wmh_scale)
     if args.checkpoint is None:
         setup = RANDOM_INIT_SETUP

@@ -7,16 +7,19 @@ One function per stage, so later stages (downstream probes) plug in after :func:
 1. :func:`ensure_cohort`: the SynthBrain manifest (written by ``neurojepa synth`` in the Makefile; generated here if
    absent);
 2. :func:`pretrain`: ``neurojepa fit --config experiments/pretrain/synth_small.yaml`` on that manifest;
-3. :func:`report_pretraining`: the loss curve's start and end, the checkpoint, and how to open TensorBoard;
-4. :func:`neurojepa_pl.demos.probe_table.run_probe_table`: tumour-presence probe on the pretrained encoder vs the same probe
-   on a random encoder vs the from-scratch CNN, on one split, with bootstrap 95% CIs.
+3. :func:`export_encoder`: ``neurojepa export`` of its EMA target encoder to ``WORKDIR/export`` (what
+   ``--model.init_args.checkpoint runs/demo/export`` of the SynthBrain fine-tune YAMLs loads);
+4. :func:`report_pretraining`: the loss curve's start and end, the checkpoint, the export folder;
+5. :func:`neurojepa_pl.demos.probe_table.run_probe_table`: tumour-presence probe on the pretrained encoder vs the same
+   probe on a random encoder vs the from-scratch CNN, on one split, with bootstrap 95% CIs;
+6. :func:`where_to_look`: TensorBoard, the checkpoints, the export, the probe table and how to read it.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -30,6 +33,7 @@ class PretrainResult:
     checkpoint: Path
     log_dir: Path
     losses: list[tuple[int, float]]
+    export_dir: Path | None = None
 
 
 def ensure_cohort(workdir: Path, subjects: int = 48, seed: int = 0) -> Path:
@@ -94,53 +98,125 @@ def pretrain(
     print("[demo] neurojepa " + " ".join(args))
     cli = lightning_main(args)
     log_dir = Path(cli.trainer.log_dir)
-    # The YAML's ModelCheckpoint saves every N steps; a final save makes the end state available whatever max_steps is.
+    # The YAML's ModelCheckpoint saves every N steps; a final save makes the end state available whatever max_steps is
+    # (a full checkpoint, optimizer included, so that it can also be resumed).
     checkpoint = log_dir / "checkpoints" / "final.ckpt"
-    cli.trainer.save_checkpoint(checkpoint)
+    cli.trainer.save_checkpoint(checkpoint, weights_only=False)
     return PretrainResult(checkpoint=checkpoint, log_dir=log_dir, losses=read_losses(log_dir))
 
 
+def export_encoder(checkpoint: Path, out_dir: Path) -> Path:
+    """``neurojepa export --checkpoint CHECKPOINT --out OUT_DIR`` (the EMA target encoder, with its registry name).
+
+    Returns:
+        ``out_dir``, holding ``config.json`` + ``model.safetensors`` (read by ``load_backbone(out_dir)``).
+
+    Raises:
+        RuntimeError: if the export tool fails (it prints why).
+    """
+    from neurojepa_pl.demos.probe_table import read_pretraining_setup
+    from neurojepa_pl.tools.export import main as export_main
+
+    args = [
+        "--checkpoint",
+        str(checkpoint),
+        "--out",
+        str(out_dir),
+        "--name",
+        read_pretraining_setup(checkpoint).encoder,
+    ]
+    print("[demo] neurojepa export " + " ".join(args))
+    if export_main(args) != 0:
+        raise RuntimeError(f"neurojepa export of {checkpoint} failed (see the message above).")
+    return Path(out_dir)
+
+
 def report_pretraining(result: PretrainResult) -> None:
-    """Print the loss at the start and the end, the checkpoint, and how to open TensorBoard."""
+    """Print the loss at the start and the end, the checkpoint, the export folder and how to open TensorBoard."""
     first, last = result.losses[0], result.losses[-1]
     window = max(1, len(result.losses) // 10)
     start = sum(v for _, v in result.losses[:window]) / window
     end = sum(v for _, v in result.losses[-window:]) / window
-    print(
-        "\n[demo] JEPA pretraining done\n"
+    lines = [
+        "\n[demo] JEPA pretraining done",
         f"  training loss: {start:.3f} (mean of the first {window} logged values, from step {first[0]}) -> "
-        f"{end:.3f} (last {window}, to step {last[0]})\n"
-        f"  checkpoint:    {result.checkpoint}\n"
-        f"  TensorBoard:   {result.log_dir}\n"
+        f"{end:.3f} (last {window}, to step {last[0]})",
+        f"  checkpoint:    {result.checkpoint}",
+    ]
+    if result.export_dir is not None:
+        lines.append(f"  exported:      {result.export_dir}   (load_backbone('{result.export_dir}'))")
+    lines += [
+        f"  TensorBoard:   {result.log_dir}",
         f"  open it with:  tensorboard --logdir {result.log_dir.parent}   (then browse http://localhost:6006; "
-        "scalars train/*, images train/masks)\n"
-        f"  load the encoder: neurojepa_pl.models.load_backbone('{result.checkpoint}')"
-    )
+        "scalars train/*, images train/masks)",
+    ]
+    print("\n".join(lines))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def where_to_look(workdir: Path, result: PretrainResult, probe_table: Path | None = None) -> str:
+    """The closing summary of ``make demo``: what was written where, and how to read the numbers."""
+    workdir = Path(workdir)
+    lines = [
+        "",
+        "[demo] done. What to look at:",
+        f"  TensorBoard:  .venv/bin/tensorboard --logdir {workdir}   (http://localhost:6006; pretraining scalars "
+        "train/loss, val/loss and the mask figures; the probe runs' val/* and test/* metrics)",
+        f"  checkpoints:  {result.checkpoint.parent}/   (final.ckpt: the end of pretraining; resume or probe it)",
+    ]
+    if result.export_dir is not None:
+        lines.append(
+            f"  encoder:      {result.export_dir}/   (config.json + model.safetensors: "
+            f"load_backbone('{result.export_dir}'))"
+        )
+    if probe_table is not None:
+        lines += [
+            f"  probe table:  {probe_table}   (per-run metrics.json, predictions.csv, figures/ beside it, in "
+            f"{probe_table.parent}/<run>/)",
+            "  reading it:   each row is a test AUROC / AUPRC [bootstrap 95% CI] on the same test scans; 0.5 AUROC is "
+            "chance, jepa_probe minus random_probe is what the pretraining earned, and rows whose CIs overlap are not "
+            "shown to differ (`neurojepa compare RUN_A RUN_B` gives the paired test).",
+        ]
+    if result.export_dir is not None:
+        lines += [
+            "  next: fine-tune on the exported encoder (README, Using it):",
+            "    neurojepa fit --config experiments/finetune/synth_tumour_probe.yaml "
+            f"--model.init_args.checkpoint {result.export_dir}",
+        ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The demo's command line (also used by ``tests/test_readme.py`` to check the README's demo commands)."""
     parser = argparse.ArgumentParser(
         prog="python -m neurojepa_pl.demos.pretrain_probe",
-        description="SynthBrain cohort -> JEPA pretraining on CPU (experiments/pretrain/synth_small.yaml).",
+        description="SynthBrain cohort -> JEPA pretraining on CPU (experiments/pretrain/synth_small.yaml) -> export "
+        "of the encoder -> tumour-presence probe table.",
     )
     parser.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="where everything is written")
     parser.add_argument("--subjects", type=int, default=48, help="cohort size if it has to be generated")
     parser.add_argument("--seed", type=int, default=0, help="cohort seed if it has to be generated")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="pretraining experiment YAML")
     parser.add_argument("--max-steps", type=int, default=None, help="override trainer.max_steps (quick looks)")
-    parser.add_argument("--skip-probe", action="store_true", help="stop after pretraining (no probe table)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--skip-probe", action="store_true", help="stop after pretraining and export (no probe table)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     manifest = ensure_cohort(args.workdir, args.subjects, args.seed)
     extra = ["--trainer.max_steps", str(args.max_steps)] if args.max_steps is not None else []
     result = pretrain(manifest, args.workdir, args.config, extra)
+    result = replace(result, export_dir=export_encoder(result.checkpoint, args.workdir / "export"))
     report_pretraining(result)
+    table = None
     if not args.skip_probe:
         from neurojepa_pl.demos.probe_table import format_probe_table, run_probe_table
 
         rows = run_probe_table(args.workdir, manifest, result.checkpoint)
         print("\n[demo] tumour presence on FLAIR, test split (bootstrap 95% CIs):\n" + format_probe_table(rows))
-        print(f"  per-run reports: {args.workdir / 'probe'}/<run>/metrics.json")
+        table = args.workdir / "probe" / "probe_table.csv"
+    print(where_to_look(args.workdir, result, table))
     return 0
 
 

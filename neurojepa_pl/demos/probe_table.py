@@ -113,9 +113,11 @@ def read_pretraining_setup(checkpoint: Path) -> PretrainingSetup:
             f"{checkpoint}: the data module's hyper-parameters lack {missing}, so the preprocessing grid "
             "of pretraining is unknown. Use a checkpoint saved by `neurojepa fit` with a data module."
         )
+    # The pretraining module takes the geometry of both networks as img_size / patch_size (linked from the data).
+    geometry = {key: hparams[key] for key in ("img_size", "patch_size") if hparams.get(key) is not None}
     return PretrainingSetup(
         encoder=encoder,
-        encoder_overrides=dict(hparams.get("encoder_overrides") or {}),
+        encoder_overrides={**dict(hparams.get("encoder_overrides") or {}), **geometry},
         data_settings={key: data_hparams[key] for key in DATA_SETTING_KEYS},
     )
 
@@ -198,7 +200,7 @@ def plan_runs(
             f"CNN from scratch (small: widths {cnn_label})",
             CNN_CONFIG,
             (
-                "--model.init_args.cnn_kwargs",
+                "--model.init_args.backbone_kwargs",
                 cli_value(cnn_kwargs),
                 "--model.init_args.lr",
                 str(cnn_lr),

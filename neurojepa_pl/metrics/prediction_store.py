@@ -1,8 +1,8 @@
 """Collect per-batch predictions of an evaluation epoch and gather them from every rank.
 
 Evaluation metrics (AUROC, C-index, bootstrap CIs) need all predictions at once, over ALL ranks: the reference
-computed its time-to-event C-index per rank shard (docs/method.md §8.5 [BUG]). Distributed samplers pad the last shard by
-repeating scans, so the gathered rows are de-duplicated by scan path (one manifest row per scan).
+computed its time-to-event C-index per rank shard (docs/method.md §8.5 [BUG]). Distributed samplers pad the last
+shard by repeating scans, so the gathered rows are de-duplicated by scan path (one manifest row per scan).
 """
 
 from __future__ import annotations

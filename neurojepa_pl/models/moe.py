@@ -316,7 +316,8 @@ class MoEFeedForward(nn.Module):
         if value == "grouped":
             if not hasattr(torch, "_grouped_mm"):
                 raise RuntimeError(
-                    f"MoE dispatch 'grouped' needs torch._grouped_mm (torch >= 2.8); this is torch {torch.__version__}. "
+                    "MoE dispatch 'grouped' needs torch._grouped_mm (torch >= 2.8); "
+                    f"this is torch {torch.__version__}. "
                     "Upgrade torch or pass moe_dispatch='loop'."
                 )
             # Grouped GEMM needs 16-byte aligned row strides: 8 elements in bf16/fp16 (4 would do for fp32).

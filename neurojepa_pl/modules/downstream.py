@@ -47,6 +47,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from neurojepa_pl.losses.cox import cox_ph_loss, gather_survival_batch
+from neurojepa_pl.metrics.prediction_store import PredictionStore
 from neurojepa_pl.metrics.predictions import write_predictions
 from neurojepa_pl.metrics.report import log_figures, save_figures, write_metrics_json
 from neurojepa_pl.metrics.tasks import bootstrap_task_metrics, compute_task_metrics, task_figures
@@ -55,7 +56,6 @@ from neurojepa_pl.models.cnn import CNNEncoder3D
 from neurojepa_pl.models.heads import AttentiveClassifier, LinearProbe, masked_mean
 from neurojepa_pl.models.moe import rebalance_moe_layers_
 from neurojepa_pl.modules.finetune_optim import DownstreamSchedule, build_param_groups
-from neurojepa_pl.metrics.prediction_store import PredictionStore
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Optimizer pieces of downstream fine-tuning (docs/method.md §8.1): AdamW parameter groups and the warmup-cosine schedules.
+"""Optimizer pieces of fine-tuning (docs/method.md §8.1): AdamW parameter groups and the warmup-cosine schedules.
 
 * Groups: backbone / head x decay / no-decay (the reference's 4 groups), the head groups' lr multiplied by
   ``head_lr_scale``; with ``layer_decay`` the backbone groups are further split per transformer depth with lr scale

@@ -9,9 +9,9 @@ One training step, for a batch of volumes with M masks (3 multiscale masks in th
 3. prediction: the predictor runs ONCE on the stacked masks (mask token 0 for every mask, as the reference);
 4. loss: foreground-weighted L1 (docs/method.md §6.2), averaged over masks.
 
-The optimizer update around it follows the reference's per-step order (docs/method.md §7): schedules set before the update
-(:meth:`JEPAPretrainModule.optimizer_step`), non-finite check (``NonFiniteLossGuard``), gradient clipping with the
-pre-clip norm logged (:meth:`JEPAPretrainModule.configure_gradient_clipping`), AdamW, then the MoE bias update
+The optimizer update around it follows the reference's per-step order (docs/method.md §7): schedules set before the
+update (:meth:`JEPAPretrainModule.optimizer_step`), non-finite check (``NonFiniteLossGuard``), gradient clipping with
+the pre-clip norm logged (:meth:`JEPAPretrainModule.configure_gradient_clipping`), AdamW, then the MoE bias update
 (``MoELoadBalance``) and the EMA (``EMATargetUpdate``) in callbacks that :meth:`configure_callbacks` installs in that
 order.
 
@@ -103,6 +103,24 @@ def _as_pair(value: float | Sequence[float], name: str) -> tuple[float, float]:
     return pair  # type: ignore[return-value]
 
 
+def _with_geometry(overrides: dict[str, Any] | None, geometry: dict[str, Any], name: str) -> dict[str, Any]:
+    """``overrides`` with the volume/patch geometry filled in; a different value stated in both places is an error."""
+    merged = dict(overrides or {})
+    for key, value in geometry.items():
+        if key in merged and _as_geometry_value(merged[key]) != _as_geometry_value(value):
+            raise ValueError(
+                f"{name}.{key} = {merged[key]!r} contradicts the data geometry {key} = {value!r}. State the geometry "
+                "once, in the data module (data.init_args.spatial_size / patch_size), and drop it from "
+                f"model.init_args.{name}."
+            )
+        merged[key] = value
+    return merged
+
+
+def _as_geometry_value(value: Any) -> Any:
+    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else int(value)
+
+
 def _clean_name(name: str) -> str:
     for prefix in _WRAPPER_PREFIXES:
         name = name.replace(prefix, "")
@@ -118,10 +136,13 @@ class JEPAPretrainModule(LightningModule):
 
     Args:
         encoder: registry name (``neurojepa_pl.models``), e.g. ``vit_base_moe`` (the paper's).
-        encoder_overrides: constructor overrides, e.g. ``{img_size: [96, 108, 96], patch_size: 12}``.
+        encoder_overrides: constructor overrides, e.g. ``{depth: 6}``.
         predictor: registry name, e.g. ``predictor_base``.
-        predictor_overrides: its overrides; ``encoder_embed_dim``, ``img_size`` and ``patch_size`` must match the
-            encoder.
+        predictor_overrides: its overrides; ``encoder_embed_dim`` must match the encoder.
+        img_size: volume size ``[D, H, W]`` of both networks (None: the registry entries' own). ``neurojepa fit``
+            links it from the data module's ``spatial_size``, so a YAML states the geometry once, under ``data``.
+        patch_size: patch edge of both networks (None: the registry entries' own); linked from the data module's
+            ``patch_size`` (which the masks use) in the same way.
         target: ``"latent"`` (JEPA: layer-normed EMA-target features) or ``"pixel"`` (MAE-style ablation: a linear
             head maps each predicted token to its patch's voxels, normalised per patch to zero mean and unit variance
             as MAE's ``norm_pix_loss``; the loss, weighting and ``loss_exp`` are unchanged, and the target encoder is
@@ -135,8 +156,8 @@ class JEPAPretrainModule(LightningModule):
             :func:`neurojepa_pl.schedules.lr_at`.
         cooldown_steps: length of the final decay; default 0 in phase ``"pretrain"`` and ``total_steps`` in phase
             ``"cooldown"``.
-        phase: ``"pretrain"`` (warm-up then constant, docs/method.md §7 phase 1) or ``"cooldown"`` (decay to ``lr_final`` from
-            the phase-1 checkpoint given as ``init_from``; the step counter restarts at 0).
+        phase: ``"pretrain"`` (warm-up then constant, docs/method.md §7 phase 1) or ``"cooldown"`` (decay to
+            ``lr_final`` from the phase-1 checkpoint given as ``init_from``; the step counter restarts at 0).
         weight_decay: AdamW weight decay, constant or ``[start, end]`` (cosine); never on biases and 1-D tensors.
         betas, eps: AdamW.
         fused_adamw: AdamW ``fused``; None picks fused on CUDA.
@@ -160,6 +181,8 @@ class JEPAPretrainModule(LightningModule):
         encoder_overrides: dict[str, Any] | None = None,
         predictor: str = "predictor_base",
         predictor_overrides: dict[str, Any] | None = None,
+        img_size: Sequence[int] | None = None,
+        patch_size: int | None = None,
         target: Literal["latent", "pixel"] = "latent",
         per_mask_tokens: bool = False,
         batch_masks: bool = True,
@@ -195,13 +218,22 @@ class JEPAPretrainModule(LightningModule):
             raise ValueError(f"phase must be 'pretrain' or 'cooldown', got {phase!r}.")
 
         # ---- networks: the target starts as an exact copy of the context encoder and is never trained by gradients
-        self.context_encoder = build_encoder(encoder, **(encoder_overrides or {}))
+        geometry = {k: v for k, v in (("img_size", img_size), ("patch_size", patch_size)) if v is not None}
+        self.context_encoder = build_encoder(
+            encoder, **_with_geometry(encoder_overrides, geometry, "encoder_overrides")
+        )
+        # Record the geometry the networks were built with: a saved config then states it even where the registry
+        # default was used, and Lightning refuses a data module whose patch_size differs (it merges both hparams).
+        self.hparams["img_size"] = list(self.context_encoder.config["img_size"])
+        self.hparams["patch_size"] = self.context_encoder.config["patch_size"]
         self.target_encoder = copy.deepcopy(self.context_encoder).requires_grad_(False)
-        self.predictor = build_predictor(predictor, **(predictor_overrides or {}))
+        self.predictor = build_predictor(
+            predictor, **_with_geometry(predictor_overrides, geometry, "predictor_overrides")
+        )
         self._check_predictor_matches_encoder()
         if not per_mask_tokens:
-            # Only mask token 0 is used (docs/method.md §4); the others would never get a gradient, so freeze them rather than
-            # make DDP look for unused parameters. (In the reference AdamW skips them too: they stay zero.)
+            # Only mask token 0 is used (docs/method.md §4); the others would never get a gradient, so freeze them
+            # rather than make DDP look for unused parameters. (In the reference AdamW skips them too: they stay zero.)
             for token in list(self.predictor.mask_tokens)[1:]:
                 token.requires_grad_(False)
         if target == "pixel":
@@ -346,8 +378,8 @@ class JEPAPretrainModule(LightningModule):
 
     # ----------------------------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW with the reference's four groups (docs/method.md §7): encoder / predictor weights with weight decay, then
-        encoder / predictor biases and 1-D tensors without. Each group carries ``apply_wd`` for the schedule."""
+        """AdamW with the reference's four groups (docs/method.md §7): encoder / predictor weights with weight decay,
+        then encoder / predictor biases and 1-D tensors without. Each group carries ``apply_wd`` for the schedule."""
         groups = {(part, decay): [] for decay in (True, False) for part in ("encoder", "predictor")}
         for name, param in self.named_parameters():
             if not param.requires_grad:
@@ -468,13 +500,14 @@ class JEPAPretrainModule(LightningModule):
             if strategy.sharding_strategy.name not in ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"):
                 raise ValueError(
                     f"JEPAPretrainModule supports FSDP sharding FULL_SHARD, SHARD_GRAD_OP or NO_SHARD, not "
-                    f"{strategy.sharding_strategy.name}: its gradient-norm clipping assumes each gradient element lives "
-                    "on exactly one rank (or on all). Set trainer.strategy.init_args.sharding_strategy."
+                    f"{strategy.sharding_strategy.name}: its gradient-norm clipping assumes each gradient element "
+                    "lives on exactly one rank (or on all). Set trainer.strategy.init_args.sharding_strategy."
                 )
             if not strategy.kwargs.get("use_orig_params", False):
                 raise ValueError(
                     "JEPAPretrainModule under FSDP needs use_orig_params: true (per-parameter weight-decay groups and "
-                    "the EMA on parameter shards); set it in trainer.strategy.init_args (experiments/trainer/fsdp.yaml)."
+                    "the EMA on parameter shards); set it in trainer.strategy.init_args "
+                    "(experiments/trainer/fsdp.yaml)."
                 )
             # Buffers stay in their own dtype: Lightning's bf16 FSDP config would round the MoE balance biases to
             # bf16, whose spacing (~5e-4 near 0.1) is coarser than one bias update (rate 1e-4).
@@ -540,7 +573,7 @@ class JEPAPretrainModule(LightningModule):
                 "init_from restores the AdamW state only for single-device / DDP runs; under FSDP start the cool-down "
                 "on DDP, or resume the phase-1 run with --ckpt_path and a cool-down schedule."
             )
-        # The phase-1 AdamW moments carry over (docs/method.md §7: the cool-down loads the optimizer); lr and wd are reset by the
-        # schedule at every update, and the step counter starts again at 0.
+        # The phase-1 AdamW moments carry over (docs/method.md §7: the cool-down loads the optimizer); lr and wd are
+        # reset by the schedule at every update, and the step counter starts again at 0.
         self.trainer.optimizers[0].load_state_dict(init["optimizer_states"][0])
         del self._init_from

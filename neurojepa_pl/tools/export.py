@@ -1,4 +1,4 @@
-"""`neurojepa export`: turn any supported checkpoint into an exported backbone folder (config.json + model.safetensors)."""
+"""`neurojepa export`: turn any supported checkpoint into a backbone folder (config.json + model.safetensors)."""
 
 from __future__ import annotations
 

@@ -95,5 +95,8 @@ def test_random_init_setup_is_the_demo_pretraining_setup():
     config = yaml.safe_load((demo_multimodal.REPO_ROOT / "experiments/pretrain/synth_small.yaml").read_text())
     model, data = config["model"]["init_args"], config["data"]["init_args"]
     setup = demo_multimodal.RANDOM_INIT_SETUP
-    assert setup["encoder"] == model["encoder"] and setup["encoder_overrides"] == model["encoder_overrides"]
+    # The encoder's geometry is the data module's (the CLI gives the model data.init_args.spatial_size / patch_size).
+    geometry = {"img_size": data["spatial_size"], "patch_size": data["patch_size"]}
+    assert setup["encoder"] == model["encoder"]
+    assert setup["encoder_overrides"] == {**(model.get("encoder_overrides") or {}), **geometry}
     assert setup["data_settings"] == {key: data[key] for key in setup["data_settings"]}

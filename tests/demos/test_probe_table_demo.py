@@ -72,7 +72,8 @@ def test_plan_runs_share_data_and_differ_only_in_model(tmp_path):
     assert value(runs[1], "--model.init_args.backbone") == "vit_tiny_moe"
     assert json.loads(value(runs[1], "--model.init_args.backbone_kwargs")) == setup.encoder_overrides
     assert [value(r, "--model.init_args.head_depth") for r in runs] == ["1", "1", None]
-    assert json.loads(value(runs[2], "--model.init_args.cnn_kwargs")) == demo_probe.SMALL_CNN
+    assert json.loads(value(runs[2], "--model.init_args.backbone_kwargs")) == demo_probe.SMALL_CNN
+    assert value(runs[2], "--model.init_args.backbone") is None  # the YAML's backbone: cnn stays
     assert [value(r, "--trainer.max_epochs") for r in runs] == ["3", "3", "4"]
     assert value(runs[2], "--model.init_args.output_dir") == str(tmp_path / "probe" / "cnn_scratch")
 
@@ -146,6 +147,6 @@ def test_probe_table_end_to_end(synth_cohort, tmp_path, capsys):
     assert reports["jepa_probe"]["pretrained_checkpoint"] == str(pretrained.checkpoint)
     assert reports["random_probe"]["pretrained_checkpoint"] is None
     assert reports["cnn_scratch"]["backbone"] == "cnn"
-    assert all(Path(rep["evaluated_checkpoint"]).name.startswith("best-") for rep in reports.values())
+    assert all(Path(rep["evaluated_checkpoint"]).name == "best.ckpt" for rep in reports.values())
     assert (tmp_path / "probe" / "probe_table.csv").is_file()
     assert demo_probe.format_probe_table(rows).count("\n") == 4
