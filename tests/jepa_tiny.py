@@ -11,6 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from trainers import tiny_trainer as shared_tiny_trainer
 
 from neurojepa_pl.data_modules.collate import JEPAMaskCollator
 from neurojepa_pl.masks import paper_mask_generators
@@ -103,20 +104,10 @@ class TinyJEPAData(pl.LightningDataModule):
 
 
 def tiny_trainer(tmp_path, **kwargs: Any) -> pl.Trainer:
-    args: dict[str, Any] = dict(
-        accelerator="cpu",
-        devices=1,
-        precision="32",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        gradient_clip_val=1.0,
-        default_root_dir=tmp_path,
-        deterministic=True,
-    )
+    """The shared tiny Trainer (tests/trainers.py) with the pretraining tests' fp32, clipping and determinism."""
+    args: dict[str, Any] = dict(precision="32", gradient_clip_val=1.0, default_root_dir=tmp_path, deterministic=True)
     args.update(kwargs)
-    return pl.Trainer(**args)
+    return shared_tiny_trainer(**args)
 
 
 def write_tiny_cohort(directory, n_scans: int = 8, seed: int = 0) -> str:

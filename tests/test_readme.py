@@ -32,6 +32,7 @@ import json
 import logging
 import re
 import shlex
+import subprocess
 import sys
 import warnings
 from collections.abc import Callable
@@ -101,6 +102,17 @@ def _make_target(words: list[str], workspace: Path, capsys) -> None:
     assert words[0] == "make" and len(words) == 2
     makefile = (REPO / "Makefile").read_text()
     assert re.search(rf"^{re.escape(words[1])}:", makefile, re.MULTILINE), f"no `{words[1]}` target in the Makefile"
+
+
+def _make_dry_run(words: list[str], workspace: Path, capsys) -> None:
+    """``make install VAR=...``: the dry run of a fresh install passes the variable's value to pip."""
+    assert words[:2] == ["make", "install"]
+    variables = dict(word.split("=", 1) for word in words[2:])
+    out = subprocess.run(["make", "-n", "-B", *words[1:]], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    pip_torch = [line for line in out.splitlines() if "pip install" in line and "torch" in line]
+    assert pip_torch, out
+    if "TORCH_INDEX_URL" in variables:
+        assert f"--index-url {variables['TORCH_INDEX_URL']}" in pip_torch[0], pip_torch
 
 
 def _usage(words: list[str], workspace: Path, capsys) -> None:
@@ -190,6 +202,7 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "make demo": Recipe(_make_target),
     "make test": Recipe(_make_target),
+    "make install TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu": Recipe(_make_dry_run),
     "neurojepa --help": Recipe(_usage),
     "neurojepa fit --config experiments/pretrain/neurojepa_base.yaml --print_config": Recipe(_print_config),
     "neurojepa fit --config experiments/pretrain/synth_small.yaml": Recipe(_pretrain_synth_small, runs=True),

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningModule
+from trainers import tiny_trainer
 from volume_factory import TINY_CROP, TINY_PATCH, make_cohort, truncate_file
 
 from neurojepa_pl.data import ManifestError
@@ -406,17 +407,7 @@ class _Recorder(LightningModule):
 
 
 def _trainer(tmp_path, max_epochs):
-    return Trainer(
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=str(tmp_path),
-    )
+    return tiny_trainer(max_epochs=max_epochs, limit_val_batches=0, default_root_dir=str(tmp_path))
 
 
 def test_pretrain_with_trainer_resumes_exactly(mixed_cohort, tiny_dm_kwargs, tmp_path):

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.multiprocessing as mp
+from trainers import tiny_trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_workers import store_worker  # noqa: E402
@@ -37,15 +38,7 @@ TINY = dict(
 
 
 def _trainer(max_epochs=2, **kwargs):
-    return L.Trainer(
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    return tiny_trainer(max_epochs=max_epochs, **kwargs)
 
 
 def _check_report(out: Path, n: int):

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 
-import lightning as L
 import pandas as pd
 import pytest
 import torch
 from tiny_data import SplitLoaders
 from torch.utils.data import Dataset
+from trainers import tiny_trainer
 
 import neurojepa_pl.modules.downstream as downstream
 from neurojepa_pl.models import build_encoder
@@ -77,15 +77,7 @@ class TinyPairedData(SplitLoaders):
 
 
 def _trainer(max_epochs=2, **kwargs):
-    return L.Trainer(
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    return tiny_trainer(max_epochs=max_epochs, **kwargs)
 
 
 def _model(fusion, **kwargs):

@@ -1,0 +1,21 @@
+"""The one tiny Trainer the module and data tests share: CPU, one device, no logger, no checkpoints, no bars."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+
+
+def tiny_trainer(**overrides: Any) -> pl.Trainer:
+    """A quiet single-device CPU ``Trainer``; ``overrides`` are any Trainer arguments (``max_epochs``, ...)."""
+    args: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    args.update(overrides)
+    return pl.Trainer(**args)
