@@ -1,36 +1,10 @@
-"""Data: manifest schema and validation, MONAI loading chain and cache, pretraining and fine-tuning data modules.
+"""Lightning data modules (installed as ``neurojepa_pl.data_modules``).
 
-Modules: ``manifest`` (schema, validation, splits, pairing; pandas only), ``transforms`` (MONAI chains),
-``datasets`` (cached scan dataset), ``base`` / ``pretrain`` / ``finetune`` (Lightning data modules).
-The package top level re-exports the manifest API only, so that importing it stays cheap (no torch/MONAI).
+Modules: ``datasets`` (cached, validated scan dataset with quarantine), ``collate`` (JEPA mask collation),
+``base`` / ``pretrain`` / ``finetune`` / ``multimodal`` (the data modules), ``cohorts`` (one module per public cohort
+on the authors' published splits), ``fast_cache`` / ``gpu_augment`` (the memory-mapped cache and batched augmentation
+of ``neurojepa build-cache`` and the benchmarks).
+
+The vocabulary they share with the rest of the library (manifest schema, validation, splits, pairing, the MONAI
+loading chains) is the pure :mod:`neurojepa_pl.data`; import it from there.
 """
-
-from neurojepa_pl.data import (
-    MANIFEST_COLUMNS,
-    MODALITIES,
-    PATH_COLUMNS,
-    LabelSpec,
-    ManifestError,
-    Problem,
-    ValidationReport,
-    assign_patient_splits,
-    check_leakage,
-    load_manifest,
-    pair_modalities,
-    validate_manifest,
-)
-
-__all__ = [
-    "MANIFEST_COLUMNS",
-    "MODALITIES",
-    "PATH_COLUMNS",
-    "LabelSpec",
-    "ManifestError",
-    "Problem",
-    "ValidationReport",
-    "assign_patient_splits",
-    "check_leakage",
-    "load_manifest",
-    "pair_modalities",
-    "validate_manifest",
-]
