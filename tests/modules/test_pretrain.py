@@ -39,6 +39,9 @@ def _per_mask_reference_loss(module, batch, bg_weight=0.1):
 
 
 def test_batched_step_equals_per_mask_reference(batch):
+    # Seeded here: the weights must not depend on which tests ran before (in the full suite an unseeded draw once
+    # gave a patch-embedding bias gradient just outside the float32 tolerance below).
+    torch.manual_seed(0)
     module = tiny_module()
     module.context_encoder.moe_layers()[0].dispatch = "loop"  # independent of the grouped dispatch, too
     reference = _per_mask_reference_loss(module, batch)
