@@ -76,6 +76,9 @@ class MultimodalModule(ClassificationModule):
         if kwargs.get("backbone") == CNN_BACKBONE:
             raise ValueError("the fusion heads run on a ViT backbone; backbone: cnn is the unimodal CNN baseline.")
         modalities = list(modalities) if modalities is not None else ["T1w", "FLAIR"]
+        # Plain attributes, set before the base __init__ because its call of build_head reads them.
+        self.fusion = fusion.removeprefix("vit_")
+        self.modalities = modalities
         # The base __init__ saves this call's arguments as the hyper-parameters, then calls build_head (below). Its
         # unimodal head options are unused here; naming them keeps them out of this class's CLI options, which
         # jsonargparse reads through **kwargs into the base signature ("attentive" passes the base's finetune check).
@@ -88,18 +91,15 @@ class MultimodalModule(ClassificationModule):
             head_heads=1,
             **kwargs,
         )
-        self.fusion = fusion.removeprefix("vit_")
-        self.modalities = modalities
 
     def build_head(self) -> nn.Module:
         """The fusion head over the modalities' tokens ``[B, M, N, C]`` (+ validity ``[B, M]``) -> ``[B, K]``."""
-        hparams = self.hparams
         return build_fusion_head(
-            hparams["fusion"].removeprefix("vit_"),
+            self.fusion,
             int(self.backbone.embed_dim),
             self.num_outputs,
-            len(hparams["modalities"]),
-            **(hparams["fusion_kwargs"] or {}),
+            len(self.modalities),
+            **(self.hparams["fusion_kwargs"] or {}),
         )
 
     # ------------------------------------------------------------------ model
