@@ -20,6 +20,15 @@ from neurojepa_pl.modules.pretrain import JEPAPretrainModule
 IMG = (32, 36, 32)
 PATCH = 4
 TINY_OVERRIDES = {"img_size": list(IMG), "patch_size": PATCH}
+TINY_CLI_GEOMETRY = [
+    "--data.init_args.spatial_size",
+    "[32,36,32]",
+    "--data.init_args.resize_to",
+    "[34,40,34]",
+    "--data.init_args.patch_size",
+    str(PATCH),
+]
+"""``neurojepa fit`` words for the tiny grid: the data geometry only, the CLI gives it to the pretraining model."""
 
 
 def tiny_module(**kwargs: Any) -> JEPAPretrainModule:

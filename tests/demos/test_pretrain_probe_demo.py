@@ -5,12 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from jepa_tiny import write_tiny_cohort
+from jepa_tiny import TINY_CLI_GEOMETRY, write_tiny_cohort
 
 from neurojepa_pl.demos import pretrain_probe as demo
 from neurojepa_pl.models import load_backbone
-
-TINY = "{img_size: [32,36,32], patch_size: 4}"
 
 
 @pytest.mark.slow
@@ -21,16 +19,7 @@ def test_pretrain_stage_writes_checkpoint_and_logs(tmp_path, capsys):
         manifest,
         tmp_path,
         extra_args=[
-            "--model.init_args.encoder_overrides",
-            TINY,
-            "--model.init_args.predictor_overrides",
-            TINY,
-            "--data.init_args.spatial_size",
-            "[32,36,32]",
-            "--data.init_args.resize_to",
-            "[34,40,34]",
-            "--data.init_args.patch_size",
-            "4",
+            *TINY_CLI_GEOMETRY,
             "--data.init_args.batch_size",
             "2",
             "--data.init_args.num_workers",

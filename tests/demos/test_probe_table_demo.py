@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from jepa_tiny import TINY_CLI_GEOMETRY
 
 from neurojepa_pl.demos import pretrain_probe as demo
 from neurojepa_pl.demos import probe_table as demo_probe
-
-TINY = "{img_size: [32,36,32], patch_size: 4}"
 
 
 def _row(run, auroc, low, high, ap=0.5, bacc=0.5, n=10):
@@ -91,16 +90,7 @@ def test_probe_table_end_to_end(synth_cohort, tmp_path, capsys):
         synth_cohort,
         tmp_path,
         extra_args=[
-            "--model.init_args.encoder_overrides",
-            TINY,
-            "--model.init_args.predictor_overrides",
-            TINY,
-            "--data.init_args.spatial_size",
-            "[32,36,32]",
-            "--data.init_args.resize_to",
-            "[34,40,34]",
-            "--data.init_args.patch_size",
-            "4",
+            *TINY_CLI_GEOMETRY,
             "--data.init_args.batch_size",
             "2",
             "--data.init_args.num_workers",

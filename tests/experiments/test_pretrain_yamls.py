@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import yaml
-from jepa_tiny import TinyJEPAData, tiny_module, write_tiny_cohort
+from jepa_tiny import TINY_CLI_GEOMETRY, TinyJEPAData, tiny_module, write_tiny_cohort
 
 from neurojepa_pl.cli import lightning_main
 
@@ -16,7 +16,6 @@ BASE = EXPERIMENTS / "pretrain" / "neurojepa_base.yaml"
 CONFIG_STACKS = [[path] for path in sorted((EXPERIMENTS / "pretrain").glob("*.yaml"))] + [
     [BASE, path] for path in sorted((EXPERIMENTS / "ablations").glob("*.yaml"))
 ]
-TINY_MODEL = "{img_size: [32,36,32], patch_size: 4}"
 
 
 def tiny_args(manifest: str, tmp_path: Path, encoder: str = "vit_tiny_moe") -> list[str]:
@@ -24,24 +23,15 @@ def tiny_args(manifest: str, tmp_path: Path, encoder: str = "vit_tiny_moe") -> l
     return [
         "--model.init_args.encoder",
         encoder,
-        "--model.init_args.encoder_overrides",
-        TINY_MODEL,
         "--model.init_args.predictor",
         "predictor_tiny",
-        "--model.init_args.predictor_overrides",
-        TINY_MODEL,
         "--data.init_args.manifest",
         manifest,
-        "--data.init_args.spatial_size",
-        "[32,36,32]",
-        "--data.init_args.resize_to",
-        "[34,40,34]",
+        *TINY_CLI_GEOMETRY,
         "--data.init_args.pad_crop_size",
         "null",
         "--data.init_args.target_spacing",
         "null",
-        "--data.init_args.patch_size",
-        "4",
         "--data.init_args.batch_size",
         "2",
         "--data.init_args.num_workers",
