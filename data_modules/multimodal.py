@@ -3,8 +3,9 @@
 One sample is one (subject, session) with up to M modalities in a fixed order (``modalities``, e.g. T1w + FLAIR).
 Batches (dicts):
 
-* ``images`` ``[B, M, 1, D, H, W]`` float32: a missing or dropped modality is a zero volume **and** has validity 0,
-  so the fusion heads never let it vote;
+* ``images`` ``[B, M, 1, D, H, W]`` float32: a missing or dropped modality is a zero placeholder volume **and** has
+  validity 0. Only the validity matters: :class:`neurojepa_pl.modules.multimodal.MultimodalModule` never encodes a
+  placeholder and the fusion heads select it away, so its values (zeros here) reach no output or gradient;
 * ``validity`` ``[B, M]`` bool;
 * ``label`` ``[B]`` int64 (binary: label > 0.5, docs/method.md §8.3; multiclass: class index);
 * metadata lists: ``subject_id``, ``session_id``, ``path`` (the anchor's path, else the first valid one),

@@ -3,6 +3,10 @@
 The resample count and CI level are stripped from the paper; defaults are 1000 resamples and a 95% interval.
 Resampling is by test sample (rows of every array together), optionally stratified so each resample keeps the
 stratum sizes (for classification: the class counts, which keeps AUROC/AP defined in every resample).
+
+:func:`bootstrap_metrics` returns a :class:`neurojepa_pl.metrics.reliability.MetricResults`: the usual
+``{name: (point, ci_low, ci_high)}`` dict that also carries how many resamples were finite per metric and the
+interval's reliability warnings (zero-width interval, undefined metric or interval, too few valid resamples).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import warnings
 from collections.abc import Callable, Mapping
 
 import numpy as np
+
+from neurojepa_pl.metrics.reliability import MetricResults, interval_warnings
 
 __all__ = ["bootstrap_ci", "bootstrap_metrics", "bootstrap_indices"]
 
@@ -69,7 +75,7 @@ def bootstrap_metrics(
     seed: int = 0,
     stratify: np.ndarray | None = None,
     too_few_finite: str = "raise",
-) -> dict[str, tuple[float, float, float]]:
+) -> MetricResults:
     """Percentile-bootstrap CIs for several metrics computed on the same resamples.
 
     Args:
@@ -86,7 +92,9 @@ def bootstrap_metrics(
             tiny or unbalanced test set should not discard the run's other results).
 
     Returns:
-        ``{name: (point, ci_low, ci_high)}``, the point estimate computed on the full (unresampled) data.
+        ``{name: (point, ci_low, ci_high)}``, the point estimate computed on the full (unresampled) data, as a
+        :class:`~neurojepa_pl.metrics.reliability.MetricResults` whose ``n_finite`` counts each metric's finite
+        resamples and whose ``warnings`` hold :func:`~neurojepa_pl.metrics.reliability.interval_warnings`.
     """
     arrays_np, n = _as_arrays(arrays)
     if too_few_finite not in ("raise", "nan"):
@@ -102,9 +110,11 @@ def bootstrap_metrics(
         for name in point:
             replicates[name][b] = values[name]
     out: dict[str, tuple[float, float, float]] = {}
+    n_finite: dict[str, int] = {}
     for name, value in point.items():
         reps = replicates[name]
         finite = reps[np.isfinite(reps)]
+        n_finite[name] = int(finite.size)
         if not math.isfinite(value) or finite.size == 0:
             out[name] = (float(value), float("nan"), float("nan"))
             continue
@@ -127,7 +137,7 @@ def bootstrap_metrics(
             )
         low, high = np.quantile(finite, [alpha / 2.0, 1.0 - alpha / 2.0])
         out[name] = (float(value), float(low), float(high))
-    return out
+    return MetricResults(out, interval_warnings(out, n_finite, n_boot), n_boot=n_boot, n_finite=n_finite)
 
 
 def bootstrap_ci(

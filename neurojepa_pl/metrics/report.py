@@ -4,10 +4,16 @@ figures in TensorBoard when a TensorBoard logger is present.
 ``metrics.json`` layout::
 
     {"task": "binary", "n": 123, "n_bootstrap": 1000, "ci_level": 0.95,
-     "metrics": {"auroc": {"value": 0.91, "ci_low": 0.86, "ci_high": 0.95}, ...},
+     "metrics": {"auroc": {"value": 0.91, "ci_low": 0.86, "ci_high": 0.95, "warnings": []},
+                 "ap": {"value": 1.0, "ci_low": 1.0, "ci_high": 1.0,
+                        "warnings": [{"code": "few_positives", "message": "only 3 positive cases ..."},
+                                     {"code": "degenerate_ci", "message": "the bootstrap interval ..."}]},
+                 ...},
      ...extra keys (checkpoint, few-shot k, ...)}
 
-NaN values (undefined metrics) are written as JSON ``null``.
+NaN values (undefined metrics) are written as JSON ``null``. ``warnings`` is always present (empty when nothing is
+wrong). Its codes are listed in :mod:`neurojepa_pl.metrics.reliability`. :func:`format_metrics_table` prints a
+metrics.json with a ``!`` beside every flagged metric and the warnings' sentences under the table.
 
 Figures are built on ``matplotlib.figure.Figure`` objects directly (no pyplot state machine), so nothing global is
 touched and no display backend is needed.
@@ -16,6 +22,7 @@ touched and no display backend is needed.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -26,11 +33,15 @@ import torch
 from matplotlib.figure import Figure
 from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc
 
+from neurojepa_pl.metrics.reliability import MetricWarning, interval_warnings
 from neurojepa_pl.metrics.survival import KaplanMeierSplit
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "write_metrics_json",
     "read_metrics_json",
+    "format_metrics_table",
     "roc_pr_figures",
     "kaplan_meier_figure",
     "regression_scatter_figure",
@@ -53,25 +64,39 @@ def write_metrics_json(
     n_bootstrap: int | None = None,
     ci_level: float | None = None,
     extra: Mapping[str, Any] | None = None,
+    warnings: Mapping[str, Sequence[MetricWarning]] | None = None,
 ) -> dict:
-    """Write ``metrics.json`` and return the written dict.
+    """Write ``metrics.json`` and return the written dict; log every reliability warning.
 
     Args:
         path: output file.
-        results: ``{metric: (value, ci_low, ci_high)}`` as returned by ``bootstrap_metrics``.
+        results: ``{metric: (value, ci_low, ci_high)}`` as returned by ``bootstrap_task_metrics`` /
+            ``bootstrap_metrics`` (a :class:`~neurojepa_pl.metrics.reliability.MetricResults`, whose ``warnings``
+            are written), or a plain dict.
         n: number of test samples.
         task: task name.
         n_bootstrap: number of bootstrap resamples behind the intervals.
         ci_level: confidence level of the intervals (e.g. 0.95).
         extra: additional JSON-serialisable top-level keys.
+        warnings: ``{metric: [MetricWarning, ...]}`` to write; default: ``results.warnings`` when it has them,
+            else the warnings readable off the intervals alone (zero-width or missing intervals, undefined values).
     """
     payload: dict[str, Any] = {"task": task, "n": int(n)}
     if n_bootstrap is not None:
         payload["n_bootstrap"] = int(n_bootstrap)
     if ci_level is not None:
         payload["ci_level"] = float(ci_level)
+    if warnings is None:
+        warnings = getattr(results, "warnings", None)
+    if warnings is None:
+        warnings = interval_warnings(results)
     payload["metrics"] = {
-        name: {"value": _json_number(v), "ci_low": _json_number(lo), "ci_high": _json_number(hi)}
+        name: {
+            "value": _json_number(v),
+            "ci_low": _json_number(lo),
+            "ci_high": _json_number(hi),
+            "warnings": [w.to_json() for w in warnings.get(name, ())],
+        }
         for name, (v, lo, hi) in results.items()
     }
     if extra:
@@ -82,7 +107,63 @@ def write_metrics_json(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    for message, names in _warnings_by_message(payload["metrics"]):
+        log.warning("%s: %s: %s", path, ", ".join(names), message)
     return payload
+
+
+def _warnings_by_message(metrics: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, list[str]]]:
+    """``[(message, [metric, ...]), ...]`` in first-seen order: one line per distinct sentence, not per metric."""
+    grouped: dict[str, list[str]] = {}
+    for name, entry in metrics.items():
+        for warning in entry.get("warnings") or ():
+            grouped.setdefault(warning["message"], []).append(name)
+    return list(grouped.items())
+
+
+def _fmt_number(x: float | None) -> str:
+    return "nan" if x is None or not math.isfinite(x) else f"{x:.3f}"
+
+
+def format_metrics_table(report: Mapping[str, Any], per_class: bool = True) -> str:
+    """The printed form of a ``metrics.json``: one row per metric, ``!`` and the warning codes beside flagged ones,
+    and every warning's sentence under the table.
+
+    Args:
+        report: a ``metrics.json`` dict (:func:`read_metrics_json`, or the dict :func:`write_metrics_json` returns).
+        per_class: include the ``<metric>/<class>`` rows.
+
+    Returns:
+        Plain text, e.g.::
+
+            test metrics: binary, n=48, 95% CI from 1000 bootstrap resamples
+            metric             value  95% CI
+            auroc              1.000  [1.000, 1.000]  ! few_positives, degenerate_ci
+            ...
+            ! = do not trust this number as it stands (the "warnings" of metrics.json):
+              auroc, ap, balanced_accuracy, selection: only 3 positive cases in the test set (fewer than 10): ...
+    """
+    metrics: Mapping[str, Mapping[str, Any]] = report.get("metrics", {})
+    shown = {name: entry for name, entry in metrics.items() if per_class or "/" not in name}
+    level = report.get("ci_level")
+    ci = f"{level:.0%} CI" if level is not None else "CI"
+    header = f"test metrics: {report.get('task', '?')}, n={report.get('n', '?')}"
+    if report.get("n_bootstrap") is not None:
+        header += f", {ci} from {report['n_bootstrap']} bootstrap resamples"
+    width = max([len("metric"), *(len(name) for name in shown)])
+    lines = [header, f"{'metric':<{width}}  {'value':>6}  {ci}"]
+    for name, entry in shown.items():
+        codes = list(dict.fromkeys(w["code"] for w in entry.get("warnings") or ()))
+        row = (
+            f"{name:<{width}}  {_fmt_number(entry.get('value')):>6}  "
+            f"[{_fmt_number(entry.get('ci_low'))}, {_fmt_number(entry.get('ci_high'))}]"
+        )
+        lines.append(row + (f"  ! {', '.join(codes)}" if codes else ""))
+    flagged = _warnings_by_message(shown)
+    if flagged:
+        lines.append('! = do not trust this number as it stands (the "warnings" of metrics.json):')
+        lines += [f"  {', '.join(names)}: {message}" for message, names in flagged]
+    return "\n".join(lines)
 
 
 def read_metrics_json(path: str | Path) -> dict:

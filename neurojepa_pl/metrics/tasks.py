@@ -14,6 +14,10 @@ survival        ``time`` [n], ``event`` [n] 0/1, ``risk`` [n] (log-risk; higher 
 
 Every metric dict holds ``selection`` (higher is better): 0.5·AUROC + 0.5·AP (classification), −MAE (regression),
 C-index (survival).
+
+:func:`bootstrap_task_metrics` also attaches reliability warnings to every metric
+(:mod:`neurojepa_pl.metrics.reliability`): too few positives / negatives / cases per class / samples / events for the
+task, and degenerate bootstrap intervals. ``write_metrics_json`` writes them.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from matplotlib.figure import Figure
 from neurojepa_pl.metrics.bootstrap import bootstrap_metrics
 from neurojepa_pl.metrics.classification import classification_metrics
 from neurojepa_pl.metrics.regression import regression_metrics
+from neurojepa_pl.metrics.reliability import MetricResults, sample_size_warnings
 from neurojepa_pl.metrics.report import kaplan_meier_figure, regression_scatter_figure, roc_pr_figures
 from neurojepa_pl.metrics.survival import concordance_index, kaplan_meier_by_risk_group
 
@@ -101,13 +106,17 @@ def bootstrap_task_metrics(
     seed: int = 0,
     class_names: Sequence[str] | None = None,
     too_few_finite: str = "nan",
-) -> dict[str, tuple[float, float, float]]:
-    """Point metrics with percentile-bootstrap CIs.
+) -> MetricResults:
+    """Point metrics with percentile-bootstrap CIs and reliability warnings.
 
     Resampling is stratified by class for binary/multiclass (every resample keeps the class counts, so AUROC stays
     defined) and by event status for survival (the number of events is kept); plain for the other tasks. A metric
     that is undefined in most resamples (e.g. a rare label of a tiny test set) gets NaN bounds and a warning
     (``too_few_finite="raise"`` makes it an error instead).
+
+    Returns:
+        ``{metric: (value, ci_low, ci_high)}`` as a :class:`~neurojepa_pl.metrics.reliability.MetricResults` whose
+        ``warnings`` hold, per metric, the sample-size warnings of the task followed by the interval warnings.
     """
     ordered = _ordered(task, arrays)
     stratify = None
@@ -115,7 +124,7 @@ def bootstrap_task_metrics(
         stratify = arrays["target"]
     elif task == "survival":
         stratify = np.asarray(arrays["event"]).astype(int)
-    return bootstrap_metrics(
+    results = bootstrap_metrics(
         task_metric_fn(task, class_names),
         *ordered,
         n_boot=n_boot,
@@ -124,6 +133,10 @@ def bootstrap_task_metrics(
         stratify=stratify,
         too_few_finite=too_few_finite,
     )
+    # The cause (too few cases) before its symptom (e.g. a zero-width interval).
+    named = dict(zip(TASK_ARRAYS[task], ordered))
+    results.add_warnings(sample_size_warnings(task, named, list(results), class_names), first=True)
+    return results
 
 
 def task_figures(

@@ -5,9 +5,21 @@ Every head takes the backbone's tokens of all M modalities of a sample and a val
     forward(tokens [B, M, N, C], validity [B, M] bool) -> [B, num_classes]
 
 The backbone is run once on the M modalities stacked along the batch (the multimodal LightningModule does that); a
-missing modality arrives as a zero placeholder with validity 0 and, in every head here, has no influence on the output
+missing modality arrives as a placeholder with validity 0 and, in every head here, has no influence on the output
 (it "never votes"). That is a deliberate fix of the reference, where zero images still voted in PoE, sat in the MIL
 softmax and entered the late-fusion gate.
+
+Whatever the placeholder holds (zeros, noise, 1e30, +-Inf, NaN), neither the output nor any gradient depends on it:
+
+1. every head first replaces the tokens of invalid modalities by zeros with a *selection* (``masked_fill``), before
+   any arithmetic touches them. Multiplying by the validity would not do: 0 * NaN and 0 * Inf are NaN, and even a
+   ``torch.where`` applied *after* a computation on NaN input leaves NaN in the backward pass (the unselected branch
+   gets a zero gradient, and 0 times its NaN local derivative is NaN again);
+2. then each head drops the missing modality's contributions by selection too (``torch.where`` / ``masked_fill`` /
+   an attention key mask), never by multiplying with the validity.
+
+So a sample's output with a modality missing is the same as with a zero placeholder in that slot, which in turn is
+the head's single-/fewer-modality path (tests/models/test_fusion.py checks both, forward and backward).
 
 Output kinds (``FusionHead.returns_log_probs``):
 
@@ -56,6 +68,20 @@ class FusionHead(nn.Module):
         self.num_classes = num_classes
         self.num_modalities = num_modalities
 
+    def _prepare(self, tokens: Tensor, validity: Tensor) -> tuple[Tensor, Tensor]:
+        """Check the inputs and blank the placeholders.
+
+        Args:
+            tokens: ``[B, M, N, C]``.
+            validity: ``[B, M]`` bool or 0/1.
+
+        Returns:
+            ``(tokens, validity)``: the tokens with every invalid modality's slot replaced by zeros (a selection, so
+            NaN/Inf placeholders can reach neither the output nor the gradients), and validity as bool ``[B, M]``.
+        """
+        validity = self._check_inputs(tokens, validity)
+        return tokens.masked_fill(~validity[:, :, None, None], 0.0), validity
+
     def _check_inputs(self, tokens: Tensor, validity: Tensor) -> Tensor:
         """Check shapes and that every sample has a valid modality; return validity as bool ``[B, M]``."""
         expected = f"[B, {self.num_modalities}, N, {self.embed_dim}]"
@@ -92,10 +118,10 @@ class LogitAveraging(FusionHead):
 
     def forward(self, tokens: Tensor, validity: Tensor) -> Tensor:
         """Args: tokens ``[B, M, N, C]``, validity ``[B, M]``. Returns logits ``[B, classes]``."""
-        validity = self._check_inputs(tokens, validity)
+        tokens, validity = self._prepare(tokens, validity)
         logits = torch.stack([clf(tokens[:, m]) for m, clf in enumerate(self.classifiers)], dim=1)  # [B, M, K]
-        # where() rather than a product: a missing modality's logits are dropped even if they are not finite.
-        logits = torch.where(validity.unsqueeze(-1), logits, torch.zeros_like(logits))
+        # Selected, not multiplied by the validity: a missing modality's logits are dropped, whatever they are.
+        logits = logits.masked_fill(~validity.unsqueeze(-1), 0.0)
         return logits.sum(dim=1) / validity.sum(dim=1, keepdim=True).to(logits.dtype)
 
 
@@ -165,9 +191,10 @@ class GatedCrossAttentionFusion(FusionHead):
     the reference code uses tanh (g in (-1, 1), extrapolating rather than interpolating) — ``gate="tanh"`` reproduces it
     for parity (docs/method.md §8.6 [PAPER≠CODE]).
 
-    Missing modalities (deliberate fix; the reference only zeroes their features): the cross-attention term from a
-    missing modality is dropped and the gate is forced to select the valid modality (g = 1 if only modality 1 is valid,
-    g = 0 if only modality 2 is), so the output equals the single-modality path. Returns logits ``[B, classes]``.
+    Missing modalities (deliberate fix; the reference only multiplies their features by 0): the cross-attention term
+    from a missing modality is dropped and the fused vector is the valid modality's (as if g = 1 when only modality 1 is
+    valid, g = 0 when only modality 2 is), both by selection, so the output equals the single-modality path.
+    Returns logits ``[B, classes]``.
 
     Args:
         embed_dim: backbone width C (768 for ViT-B).
@@ -216,16 +243,18 @@ class GatedCrossAttentionFusion(FusionHead):
 
     def forward(self, tokens: Tensor, validity: Tensor) -> Tensor:
         """Args: tokens ``[B, 2, N, C]``, validity ``[B, 2]``. Returns logits ``[B, classes]``."""
-        validity = self._check_inputs(tokens, validity)
-        v1 = validity[:, 0, None, None].to(tokens.dtype)
-        v2 = validity[:, 1, None, None].to(tokens.dtype)
+        tokens, validity = self._prepare(tokens, validity)
+        valid1, valid2 = validity[:, 0, None, None], validity[:, 1, None, None]  # [B, 1, 1]
         f1, f2 = self.proj1(tokens[:, 0]), self.proj2(tokens[:, 1])
-        f1_new = self.norm1(f1 + v2 * self.norm3(self.cross_12(f1, f2)))
-        f2_new = self.norm2(f2 + v1 * self.norm4(self.cross_21(f2, f1)))
+        # The cross-attention term from a missing modality is selected away (the reference multiplied it by 0).
+        f1_new = self.norm1(torch.where(valid2, f1 + self.norm3(self.cross_12(f1, f2)), f1))
+        f2_new = self.norm2(torch.where(valid1, f2 + self.norm4(self.cross_21(f2, f1)), f2))
         p1, p2 = f1_new.mean(dim=1), f2_new.mean(dim=1)
-        both = validity.all(dim=1, keepdim=True)
-        g = torch.where(both, self.gate_values(p1, p2), validity[:, :1].to(p1.dtype))
-        return self.classifier(g * p1 + (1 - g) * p2)
+        g = self.gate_values(p1, p2)
+        # With one modality the fused vector IS that modality's (g forced to 1 or 0), chosen by selection.
+        single = torch.where(validity[:, :1], p1, p2)
+        fused = torch.where(validity.all(dim=1, keepdim=True), g * p1 + (1 - g) * p2, single)
+        return self.classifier(fused)
 
 
 class ClassifyThenAggregateMIL(FusionHead):
@@ -303,19 +332,19 @@ class ClassifyThenAggregateMIL(FusionHead):
         Returns:
             ``[B, M*N, K]`` float32; for each sample and class the weights sum to 1 and are 0 on missing modalities.
         """
-        validity = self._check_inputs(tokens, validity)
+        tokens, validity = self._prepare(tokens, validity)
         bag, token_valid = self._bag(tokens, validity)
         return self._attention(self.input_dropout(bag), token_valid)
 
     def forward(self, tokens: Tensor, validity: Tensor) -> Tensor:
         """Args: tokens ``[B, M, N, C]``, validity ``[B, M]``. Returns logits ``[B, classes]``."""
-        validity = self._check_inputs(tokens, validity)
+        tokens, validity = self._prepare(tokens, validity)
         bag, token_valid = self._bag(tokens, validity)
         x = self.input_dropout(bag)
-        weights = self._attention(x, token_valid)  # [B, M*N, K]
+        weights = self._attention(x, token_valid)  # [B, M*N, K], exactly 0 on missing modalities
         instance_logits = self.instance_mlp(self.instance_norm(x)).float()
-        # where(): a missing modality's instance logits must not leak as 0 * inf = NaN.
-        instance_logits = torch.where(token_valid.unsqueeze(-1), instance_logits, torch.zeros_like(instance_logits))
+        # Selected away, so the weighted sum below adds exact zeros for the missing modalities' instances.
+        instance_logits = instance_logits.masked_fill(~token_valid.unsqueeze(-1), 0.0)
         bag_logits = (weights * instance_logits).sum(dim=1)
         return (bag_logits * self.scale + self.bias).to(tokens.dtype)
 
@@ -352,7 +381,7 @@ class ProductOfExperts(FusionHead):
 
     def forward(self, tokens: Tensor, validity: Tensor) -> Tensor:
         """Args: tokens ``[B, M, N, C]``, validity ``[B, M]``. Returns log-probabilities ``[B, classes]``."""
-        validity = self._check_inputs(tokens, validity)
+        tokens, validity = self._prepare(tokens, validity)
         return product_of_experts(self.modality_logits(tokens), validity)
 
 
@@ -360,8 +389,10 @@ class ProductOfExpertsJoint(ProductOfExperts):
     """Product of experts with a joint head (reference ``vit_poe_joint``; paper ref. [50]).
 
     Adds an ``AttentiveClassifier`` over the token-concatenated features ``[B, M*N, C]`` as an extra, always-valid
-    expert. The joint head's cross-attention ignores the tokens of missing modalities (key padding mask), so it sees the
-    concatenation of the valid modalities only. Returns log-probabilities ``[B, classes]`` (train with NLL).
+    expert. The joint head's attention ignores the tokens of missing modalities (key padding mask), so it sees the
+    concatenation of the valid modalities only. A key mask alone does not protect against a NaN placeholder (a masked
+    key's weight is 0, and 0 * NaN value = NaN), which is why the placeholders are blanked first (module docstring).
+    Returns log-probabilities ``[B, classes]`` (train with NLL).
     """
 
     def __init__(
@@ -372,7 +403,7 @@ class ProductOfExpertsJoint(ProductOfExperts):
 
     def forward(self, tokens: Tensor, validity: Tensor) -> Tensor:
         """Args: tokens ``[B, M, N, C]``, validity ``[B, M]``. Returns log-probabilities ``[B, classes]``."""
-        validity = self._check_inputs(tokens, validity)
+        tokens, validity = self._prepare(tokens, validity)
         b, m, n, c = tokens.shape
         token_valid = validity.unsqueeze(-1).expand(b, m, n).reshape(b, m * n)
         joint = self.joint_expert(tokens.reshape(b, m * n, c), key_mask=token_valid)

@@ -11,8 +11,10 @@ evaluation metrics gathered over ranks, ``val/selection``, and the test report (
 ``predictions.csv``, figures).
 
 The backbone runs once per step on the valid scans of all modalities stacked along the batch; a missing modality's
-tokens are zeros and the heads ignore them. PoE heads output log-probabilities and train with NLL; the other heads
-output logits and train with cross-entropy (the softmax of either gives the class probabilities for the metrics).
+placeholder volume is never encoded (whatever it holds, even NaN), its tokens are zeros, and the heads ignore them
+by selection (:mod:`neurojepa_pl.models.fusion`), so neither the outputs nor any gradient depend on the placeholder.
+PoE heads output log-probabilities and train with NLL; the other heads output logits and train with cross-entropy
+(the softmax of either gives the class probabilities for the metrics).
 """
 
 from __future__ import annotations
@@ -111,7 +113,8 @@ class MultimodalModule(ClassificationModule):
             validity: ``[B, M]`` bool.
 
         Returns:
-            ``[B, M, N, C]``; zeros for invalid modalities (whose scans are not encoded at all).
+            ``[B, M, N, C]``; zeros for invalid modalities, whose placeholder volumes are not encoded at all (so their
+            values, NaN included, cannot reach the backbone's outputs or its gradients).
         """
         b, m = validity.shape
         flat = images.flatten(0, 1)
@@ -133,8 +136,9 @@ class MultimodalModule(ClassificationModule):
         """``(outputs [B, K], embedding [B, C])``; the embedding averages the tokens of the valid modalities."""
         validity = validity.bool()
         tokens = self.encode_modalities(images, validity)
-        weights = validity.to(tokens.dtype)[:, :, None]
-        embedding = (tokens.mean(dim=2) * weights).sum(dim=1) / weights.sum(dim=1)
+        # Selected, not weighted by the validity (the fusion heads' rule): invalid slots add exact zeros.
+        pooled = tokens.mean(dim=2).masked_fill(~validity[:, :, None], 0.0)
+        embedding = pooled.sum(dim=1) / validity.sum(dim=1, keepdim=True).to(pooled.dtype)
         return self.head(tokens, validity), embedding
 
     # ------------------------------------------------------------------ loss

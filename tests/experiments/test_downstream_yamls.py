@@ -58,6 +58,6 @@ def test_yaml_fits_and_tests_on_tiny_cohort(config, synth_cohort, tmp_path, monk
     assert report["n"] >= 1
     assert "selection" in report["metrics"]
     for entry in report["metrics"].values():
-        assert set(entry) == {"value", "ci_low", "ci_high"}
+        assert set(entry) == {"value", "ci_low", "ci_high", "warnings"}
     table = pd.read_csv(out / "predictions.csv")
     assert len(table) == report["n"] and table["path"].is_unique

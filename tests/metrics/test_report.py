@@ -29,8 +29,10 @@ def test_metrics_json_layout_and_nan_as_null(tmp_path):
         extra={"k_shot": 4},
     )
     data = json.loads(path.read_text())
-    assert data["metrics"]["auroc"] == {"value": 0.9, "ci_low": 0.8, "ci_high": 0.95}
-    assert data["metrics"]["auroc/x"] == {"value": None, "ci_low": None, "ci_high": None}
+    assert data["metrics"]["auroc"] == {"value": 0.9, "ci_low": 0.8, "ci_high": 0.95, "warnings": []}
+    undefined = data["metrics"]["auroc/x"]
+    assert {k: undefined[k] for k in ("value", "ci_low", "ci_high")} == {"value": None, "ci_low": None, "ci_high": None}
+    assert [w["code"] for w in undefined["warnings"]] == ["undefined"]
     assert (data["n"], data["task"], data["k_shot"], data["n_bootstrap"]) == (42, "binary", 4, 100)
     assert read_metrics_json(path) == data
     with pytest.raises(ValueError, match="collide"):

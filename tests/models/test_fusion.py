@@ -1,4 +1,5 @@
-"""Fusion heads: shapes, missing modalities never vote, MIL attention normalisation, gate range, and learning."""
+"""Fusion heads: shapes, missing modalities never vote (whatever their placeholder holds: zeros, noise, 1e30, +-Inf,
+NaN; forward and backward), MIL attention normalisation, gate range, and learning."""
 
 import pytest
 import torch
@@ -59,6 +60,73 @@ def test_missing_modality_never_votes(name, missing):
     moved = tokens.clone()
     moved[1, 1 - missing] += torch.randn(N, C, generator=torch.Generator().manual_seed(5))
     assert not torch.allclose(head(moved, validity)[1], out[1], atol=1e-4)
+
+
+FILLERS = {
+    "zero": 0.0,
+    "random": "random",
+    "huge": 1e30,
+    "+inf": float("inf"),
+    "-inf": float("-inf"),
+    "nan": float("nan"),
+}
+
+
+def _fill(tokens, validity, filler):
+    """``tokens`` with every invalid modality's slot holding ``filler`` (a float, or large noise for "random")."""
+    out = tokens.clone()
+    if filler == "random":
+        out[~validity] = 1e3 * torch.randn(out[~validity].shape, generator=torch.Generator().manual_seed(9))
+    else:
+        out[~validity] = filler
+    return out
+
+
+def _output_and_grads(head, tokens, validity):
+    """Forward + backward of a fixed loss (dropout drawn from the same seed each call); returns (output, grads)."""
+    head.zero_grad()
+    torch.manual_seed(123)
+    out = head(tokens, validity)
+    # A loss that weighs the classes differently, so the gradients are not trivially zero (softmax rows sum to 1).
+    loss = (out.float() * torch.arange(1, out.shape[1] + 1, dtype=torch.float32)).sum()
+    loss.backward()
+    return out.detach(), {name: p.grad.detach().clone() for name, p in head.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", sorted(FUSION_HEADS))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("filler", sorted(FILLERS))
+def test_placeholder_values_reach_neither_output_nor_gradients(name, mode, filler):
+    """Issue 18 item 2: whatever a missing slot holds, output and parameter gradients equal the zero-filler ones."""
+    m = 2 if name == "late" else 3
+    head = _head(name, num_modalities=m).train(mode == "train")
+    tokens = _tokens(b=4, m=m)
+    validity = torch.ones(4, m, dtype=torch.bool)
+    validity[1, 1] = False  # the second modality missing
+    validity[2, 0] = False  # the first one missing
+    if m == 3:
+        validity[3, :2] = False  # all but the last missing
+    reference, reference_grads = _output_and_grads(head, _fill(tokens, validity, 0.0), validity)
+    out, grads = _output_and_grads(head, _fill(tokens, validity, FILLERS[filler]), validity)
+    assert torch.isfinite(out).all(), f"{name}: non-finite output with a {filler} placeholder"
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == reference_grads.keys() and grads
+    for key, grad in grads.items():
+        assert torch.isfinite(grad).all(), f"{name}: non-finite gradient of {key} with a {filler} placeholder"
+        torch.testing.assert_close(grad, reference_grads[key], rtol=1e-5, atol=1e-6)
+    # The gradient is not trivially zero: the heads do learn from these samples.
+    assert any(grad.abs().sum() > 0 for grad in grads.values())
+
+
+@pytest.mark.parametrize("name", sorted(FUSION_HEADS))
+def test_gradient_never_flows_into_a_missing_slot(name):
+    """The placeholder's slot gets an exactly-zero gradient (a selection, not a multiplication by 0)."""
+    head = _head(name)
+    validity = torch.tensor([[True, True], [True, False], [False, True]])
+    tokens = _fill(_tokens(), validity, float("nan")).requires_grad_(True)
+    head(tokens, validity).sum().backward()
+    assert torch.all(tokens.grad[~validity] == 0)
+    assert torch.isfinite(tokens.grad).all() and tokens.grad[validity].abs().sum() > 0
 
 
 def test_logit_averaging_equals_single_modality_when_other_missing():

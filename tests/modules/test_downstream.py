@@ -45,7 +45,7 @@ def _check_report(out: Path, n: int):
     data = json.loads((out / "metrics.json").read_text())
     assert data["n"] == n
     for name, entry in data["metrics"].items():
-        assert set(entry) == {"value", "ci_low", "ci_high"}
+        assert set(entry) == {"value", "ci_low", "ci_high", "warnings"}
         if entry["value"] is not None and name != "selection":
             assert entry["ci_low"] - 1e-9 <= entry["value"] <= entry["ci_high"] + 1e-9
     table = pd.read_csv(out / "predictions.csv")

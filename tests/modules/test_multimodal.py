@@ -99,6 +99,9 @@ def test_each_fusion_fits_and_writes_the_downstream_report(fusion, tmp_path):
     for name in ("auroc", "ap", "balanced_accuracy"):
         entry = report["metrics"][name]
         assert entry["ci_low"] - 1e-9 <= entry["value"] <= entry["ci_high"] + 1e-9
+        # 6 cases of each class in the tiny test split: every metric says it is not to be trusted (issue 18 item 6).
+        assert [w["code"] for w in entry["warnings"]][:2] == ["few_positives", "few_negatives"]
+        assert entry["warnings"][0]["message"].startswith("only 6 positive cases in the test set")
     table = pd.read_csv(tmp_path / "predictions.csv")
     assert len(table) == 12 and set(table["modality"]) == {"T1w", "T1w+FLAIR"}
     assert ((table["prob_0"] + table["prob_1"] - 1).abs() < 1e-5).all()
@@ -137,6 +140,35 @@ def test_missing_modality_never_votes_through_the_module(fusion):
                 t1w_only[validity[:, 1].logical_not()],
                 atol=1e-5,
             )
+
+
+@pytest.mark.parametrize("fusion", sorted(FUSION_HEADS))
+def test_placeholder_volumes_reach_neither_outputs_nor_gradients(fusion):
+    """Issue 18 item 2 through the module: a NaN / Inf / 1e30 placeholder volume changes nothing, forward or backward
+    (the backbone never sees it), and the embedding of predict_step stays finite."""
+    model = _model(fusion).eval()
+    data = _Pairs(4, 0)
+    validity = torch.tensor([[True, False], [True, True], [True, False], [True, True]])
+
+    def run(filler):
+        images = data.images.clone()
+        images[~validity] = filler
+        model.zero_grad()
+        outputs, embedding = model.forward_with_embedding(images, validity)
+        model.compute_loss(outputs, {"label": data.labels[:4]}).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        return outputs.detach(), embedding.detach(), grads
+
+    reference = run(0.0)
+    assert reference[2]["backbone.patch_embed.proj.weight"].abs().sum() > 0  # the backbone does get a gradient
+    for filler in (float("nan"), float("inf"), float("-inf"), 1e30):
+        outputs, embedding, grads = run(filler)
+        torch.testing.assert_close(outputs, reference[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(embedding, reference[1], rtol=1e-5, atol=1e-6)
+        assert grads.keys() == reference[2].keys()
+        for name, grad in grads.items():
+            assert torch.isfinite(grad).all(), f"{fusion}: non-finite gradient of {name} with a {filler} placeholder"
+            torch.testing.assert_close(grad, reference[2][name], rtol=1e-5, atol=1e-6)
 
 
 def test_predict_returns_probabilities_and_valid_modality_embeddings():
