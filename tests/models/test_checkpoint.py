@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,12 +182,13 @@ def tiny_reference_checkpoint(tmp_path_factory) -> tuple[Path, dict, dict, dict]
 
 
 # ============================================================================ reference layout
-def test_native_to_reference_names_match_tsv():
+def test_native_to_reference_names_match_tsv_in_order():
     encoder_rows, predictor_rows = _read_tsv("encoder_state_dict.tsv"), _read_tsv("predictor_state_dict.tsv")
     with torch.device("meta"):
         encoder, predictor = build_encoder("vit_base_moe"), build_predictor("predictor_base")
     for model, rows in ((encoder, encoder_rows), (predictor, predictor_rows)):
         reference = native_to_reference(model.state_dict())
+        assert list(reference) == list(rows)  # the reference's state-dict order too (optimizer states depend on it)
         assert {k: tuple(v.shape) for k, v in reference.items()} == {k: shape for k, (shape, _) in rows.items()}
         assert {k: str(v.dtype).removeprefix("torch.") for k, v in reference.items()} == {
             k: dtype for k, (_, dtype) in rows.items()
@@ -374,7 +376,7 @@ def test_export_round_trip_identical_outputs(tmp_path):
         encoder.blocks[1].mlp.gate.bias.copy_(torch.tensor([0.1, -0.1, 0.05, -0.05]))
     out = export_backbone(encoder, tmp_path / "export", name="vit_tiny_moe", overrides={"rope_layout": "grid"})
     config = json.loads((out / "config.json").read_text())
-    assert config["format"] == "neurojepa_pl.backbone" and config["format_version"] == 1
+    assert config["format"] == "neurojepa_pl.backbone" and config["format_version"] == 2
     assert config["name"] == "vit_tiny_moe" and config["overrides"] == {"rope_layout": "grid"}
     assert "blocks.1.mlp.experts.0.fc1.weight" in load_file(out / "model.safetensors")  # reference layout on disk
     loaded = load_backbone(out).eval()
@@ -425,3 +427,193 @@ def test_genuine_lightning_checkpoint_loads_with_weights_only(tmp_path):
     assert torch.equal(context.blocks[0].attn.qkv.weight, module.context_encoder.blocks[0].attn.qkv.weight)
     assert torch.equal(target.blocks[0].attn.qkv.weight, module.target_encoder.blocks[0].attn.qkv.weight)
     assert not torch.equal(context.blocks[0].attn.qkv.weight, target.blocks[0].attn.qkv.weight)  # distinct networks
+
+
+# ============================================================================ errors that help (docs/method.md §9.3)
+FIX_REREAD = "fix: copy or download the file again (compare its size with the original), or save it again."
+FIX_SOURCE = "fix: pass the checkpoint file itself (.pt / .ckpt / .safetensors) or an exported folder."
+FIX_KEYS = (
+    "fix: check the architecture (name= / overrides=; routed experts are compared stacked, experts.fc1_weight "
+    "[E, ...]), excuse keys with ignore_keys=[...], or pass strict=False to load the tensors that match."
+)
+
+
+def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """Each bad file and the exact first line of its error."""
+    import gzip
+    import zipfile
+
+    encoder = build_encoder("vit_tiny")
+    good = tmp_path / "good.pt"
+    torch.save({"target_encoder": encoder.state_dict()}, good)
+    data = good.read_bytes()
+    files = {
+        "truncated": (tmp_path / "latest.pt", data[: len(data) // 2]),
+        "empty": (tmp_path / "empty.pt", b""),
+        "text": (tmp_path / "notes.pt", b"hello world\n"),
+        "scan": (tmp_path / "scan.nii.gz", gzip.compress(b"\x00" * 400)),
+    }
+    for path, content in files.values():
+        path.write_bytes(content)
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"target_encoder": encoder.state_dict()}, legacy, _use_new_zipfile_serialization=False)
+    legacy.write_bytes(legacy.read_bytes()[:-100])
+    save_file(encoder.state_dict(), tmp_path / "cut.safetensors")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(cut.read_bytes()[:-1000])
+    with zipfile.ZipFile(tmp_path / "notes.zip", "w") as archive:
+        archive.writestr("a.txt", "x")
+    sizes = {name: len(content) for name, (_, content) in files.items()}
+    return {
+        "truncated": (
+            files["truncated"][0],
+            f"{files['truncated'][0]} is a truncated or damaged zip archive ({sizes['truncated']:,} bytes, no central "
+            "directory): a torch.save checkpoint that was not completely written or copied.",
+        ),
+        "empty": (files["empty"][0], f"{files['empty'][0]} is empty (0 bytes), not a checkpoint."),
+        "text": (
+            files["text"][0],
+            f"{files['text'][0]} is not a checkpoint: 12 bytes starting with text 'hello world\\n'; expected a "
+            "torch.save file (a zip archive) or safetensors.",
+        ),
+        "scan": (
+            files["scan"][0],
+            f"{files['scan'][0]} is not a checkpoint: {sizes['scan']} bytes starting with gzip-compressed data (a "
+            ".nii.gz scan?); expected a torch.save file (a zip archive) or safetensors.",
+        ),
+        "legacy": (  # the byte count is torch's reader's (where it stopped), not ours: matched as a number
+            legacy,
+            f"{legacy} could not be read ({legacy.stat().st_size:,} bytes): it is truncated or damaged (unexpected "
+            "EOF, expected <N> more bytes. The file might be corrupted.).",
+        ),
+        "safetensors": (
+            cut,
+            f"{cut} could not be read as safetensors ({cut.stat().st_size:,} bytes): Error while deserializing "
+            "header: incomplete metadata, file not fully covered.",
+        ),
+        "zip": (
+            tmp_path / "notes.zip",
+            f"{tmp_path / 'notes.zip'} is a zip archive but not a torch.save checkpoint (no data.pkl among ['a.txt']).",
+        ),
+    }
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "text", "scan", "legacy", "safetensors", "zip"])
+def test_unreadable_files_name_the_file_and_what_was_found(tmp_path, kind):
+    path, first_line = _bad_files(tmp_path)[kind]
+    with pytest.raises(ValueError) as err:
+        load_backbone(path)
+    fix = FIX_SOURCE if kind in ("text", "scan", "zip") else FIX_REREAD
+    expected = re.escape(f"{first_line}\n{fix}").replace("<N>", r"\d+")
+    assert re.fullmatch(expected, str(err.value)), str(err.value)
+    with pytest.raises(ValueError) as err:  # the same for the predictor loader
+        load_predictor(path)
+    assert re.fullmatch(re.escape(first_line).replace("<N>", r"\d+"), str(err.value).splitlines()[0])
+
+
+def test_inferred_architecture_reports_the_key_against_the_closest_entry(tmp_path, tiny_reference_checkpoint):
+    _, target, _, _ = tiny_reference_checkpoint
+    missing, misshaped = dict(target), dict(target)
+    del missing["blocks.1.mlp.gate.bias"]
+    misshaped["blocks.0.attn.qkv.weight"] = torch.zeros(192, 32)
+    closest = (
+        "no registry encoder matches the weights (embed_dim=64, patch=(6, 6, 6), depth=2, moe_block_indices=[1], "
+        "num_experts=4) exactly; compared with the closest, 'vit_tiny_moe' (38 of its 39 tensors agree)"
+    )
+    for broken, problem in (
+        (missing, "1 missing key(s): ['blocks.1.mlp.gate.bias']"),
+        (misshaped, "1 mis-shaped key(s): ['blocks.0.attn.qkv.weight: checkpoint [192, 32] vs model [192, 64]']"),
+    ):
+        path = tmp_path / "broken.pt"
+        torch.save({"target_encoder": _prefixed(broken)}, path)
+        with pytest.raises(ValueError) as err:
+            load_backbone(path)
+        assert str(err.value) == f"{path} (target encoder): {closest}: {problem}.\n{FIX_KEYS}"
+        # strict=False loads every tensor that matches and warns naming the rest.
+        with pytest.warns(UserWarning) as record:
+            loaded = load_backbone(path, strict=False)
+        assert str(record[0].message) == (
+            f"{path} (target encoder): {closest}: {problem}. strict=False: loaded the 38 matching tensor(s); the "
+            "others keep their initialisation."
+        )
+        state = native_to_reference(loaded.state_dict())
+        agree = [k for k in broken if k in state and broken[k].shape == state[k].shape]
+        assert agree and all(torch.equal(state[k], broken[k].to(state[k].dtype)) for k in agree)
+
+
+def test_key_errors_of_every_source_name_the_source(tmp_path, tiny_reference_checkpoint):
+    _, target, _, pred = tiny_reference_checkpoint
+    native = reference_to_native(target)
+    del native["norm.weight"]
+    problem = "1 missing key(s): ['norm.weight']."
+    # Lightning: architecture from the hyper-parameters (a full spec, as neurojepa fit saves it).
+    from neurojepa_pl.models.registry import encoder_spec
+
+    lightning = tmp_path / "run.ckpt"
+    torch.save({"state_dict": {f"target_encoder.{k}": v for k, v in native.items()},
+                "hyper_parameters": {"encoder": encoder_spec("vit_tiny_moe")}}, lightning)  # fmt: skip
+    with pytest.raises(ValueError) as err:
+        load_backbone(lightning)
+    assert str(err.value).splitlines()[0] == (
+        f"{lightning} (target encoder): the weights do not match the architecture stored with them "
+        f"('vit_tiny_moe'): {problem}"
+    )
+    # Exported folder.
+    folder = export_backbone(reference_to_native_module(target), tmp_path / "export", name="vit_tiny_moe")
+    weights = load_file(folder / "model.safetensors")
+    del weights["norm.weight"]
+    save_file(weights, folder / "model.safetensors")
+    with pytest.raises(ValueError) as err:
+        load_backbone(folder)
+    assert str(err.value).splitlines()[0] == (
+        f"{folder} (target encoder): the weights do not match the architecture stored with them ('vit_tiny_moe'): "
+        f"{problem}"
+    )
+    # Explicit name; and the predictor.
+    path = tmp_path / "ref.pt"
+    broken_pred = dict(pred, **{"predictor_embed.weight": torch.zeros(32, 48)})
+    torch.save({"target_encoder": _prefixed(native_to_reference(native)), "predictor": _prefixed(broken_pred)}, path)
+    with pytest.raises(ValueError) as err:
+        load_backbone(path, name="vit_tiny_moe")
+    assert (
+        str(err.value).splitlines()[0] == f"{path} (target encoder): the weights do not match 'vit_tiny_moe': {problem}"
+    )
+    with pytest.raises(ValueError) as err:
+        load_predictor(path)
+    assert str(err.value).splitlines()[0] == (
+        f"{path} (predictor): no registry predictor matches the weights (predictor_embed [32, 48], 2 blocks) exactly; "
+        "compared with the closest, 'predictor_tiny' (36 of its 37 tensors agree): 1 mis-shaped key(s): "
+        "['predictor_embed.weight: checkpoint [32, 48] vs model [32, 64]']."
+    )
+
+
+def test_nothing_close_is_refused(tmp_path):
+    path = tmp_path / "alien.pt"
+    torch.save({"target_encoder": {"foo.weight": torch.zeros(3)}}, path)
+    with pytest.raises(ValueError) as err:
+        load_backbone(path, strict=False)
+    assert str(err.value) == (
+        f"{path} (target encoder): cannot infer the encoder architecture: no registry encoder matches the weights "
+        "(embed_dim=?, patch=?, depth=0, moe_block_indices=[], num_experts=0), and none is close (the closest, "
+        "'vit_tiny', shares 0% of the key names).\nfix: pass name=<registry name> (and overrides={...} for "
+        "non-registry sizes)."
+    )
+
+
+def test_folders_not_written_by_us_are_read_as_flat_weights(tmp_path, tiny_reference_checkpoint):
+    """The authors' Hub layout: their own config.json (a model config, not ours) beside model.safetensors."""
+    _, target, _, _ = tiny_reference_checkpoint
+    folder = tmp_path / "authors"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model": {"model_name": "vit_base", "use_moe": True}}))
+    save_file(_prefixed(target), folder / "model.safetensors")
+    assert torch.equal(load_backbone(folder).norm.weight, target["norm.weight"])
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+        load_backbone(folder)
+
+
+def reference_to_native_module(reference: dict[str, torch.Tensor]) -> torch.nn.Module:
+    encoder = build_encoder("vit_tiny_moe")
+    encoder.load_state_dict(reference_to_native(reference))
+    return encoder
