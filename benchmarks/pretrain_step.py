@@ -11,9 +11,11 @@ random brain-like volumes with the real mask generators and foreground map.
 - baseline: one forward per mask and the per-expert Python loop (the reference's structure).
 
 Both start from the same weights; the loss of both on the same batch is printed as a numerics check. Prints one JSON
-object: scans/s, median step time (the variants alternate step by step), peak memory, FLOPs per scan
-(``torch.utils.flop_counter``, which does not count SDPA on CPU; ``torch._grouped_mm`` is counted with a formula
-registered here), MFU against the dense bf16 peak of the GPU (null on CPU and unknown GPUs) and the ours/baseline ratio.
+object: scans/s, median step time (the variants alternate step by step), warm-up time (with ``--compile``: the
+compilation), peak memory, FLOPs per scan (``torch.utils.flop_counter``, which does not count SDPA on CPU;
+``torch._grouped_mm`` is counted with a formula registered here), MFU against the dense bf16 peak of the GPU (null on
+CPU and unknown GPUs), the ours/baseline ratio, and two checks of the encoder's input stage at the benchmark's batch:
+the patch embedding as one GEMM against the Conv3d it replaces, and the cached RoPE tables against recomputing them.
 """
 
 from __future__ import annotations
@@ -68,17 +70,28 @@ def load_module_args(config: Path, preset: str) -> tuple[dict, dict]:
     return model, data
 
 
-def make_batch(module: JEPAPretrainModule, data_args: dict, batch_size: int, device: torch.device) -> dict:
-    """Brain-like random volumes (a textured ellipsoid) collated with the experiment's masks and foreground map."""
+def make_batch(
+    module: JEPAPretrainModule, data_args: dict, batch_size: int, device: torch.device, step: int = 0
+) -> dict:
+    """Brain-like random volumes (a textured ellipsoid) collated with the experiment's masks (those of global batch
+    ``step``) and foreground map; the volumes are the same for every ``step``."""
     img = module.context_encoder.config["img_size"]
     grid = module.context_encoder.grid_size
     g = torch.Generator().manual_seed(0)
     axes = torch.meshgrid(*[torch.linspace(-1, 1, s) for s in img], indexing="ij")
     inside = sum(a**2 / 0.8**2 for a in axes) < 1
-    samples = [{"image": (inside * torch.rand(img, generator=g)).unsqueeze(0).float()} for _ in range(batch_size)]
+    # sample keys (epoch 0, the positions of batch ``step``): the collator seeds global batch ``step``'s masks from them
+    samples = [
+        {
+            "image": (inside * torch.rand(img, generator=g)).unsqueeze(0).float(),
+            "sample_key": torch.tensor([0, step * batch_size + i]),
+        }
+        for i in range(batch_size)
+    ]
     make = vjepa2_mask_generators if data_args.get("masking") == "vjepa2" else paper_mask_generators
     patch = img[0] // grid[0]
-    batch = JEPAMaskCollator(make(grid), patch_size=patch, seed=0)(samples)
+    collator = JEPAMaskCollator(make(grid), batch_size=batch_size, batches_per_epoch=step + 1, patch_size=patch, seed=0)
+    batch = collator(samples)
     return {
         k: (
             [t.to(device) for t in v]
@@ -132,9 +145,14 @@ def synchronize(device: torch.device) -> None:
 def time_interleaved(steppers: dict[str, Stepper], batch: dict, warmup: int, steps: int) -> dict[str, dict]:
     """Median step time of each variant, alternating them step by step so that load drift hits all alike."""
     device = next(iter(steppers.values())).device
-    for stepper in steppers.values():
+    warmup_s = {}
+    for name, stepper in steppers.items():
+        synchronize(device)
+        start = time.perf_counter()
         for _ in range(warmup):
             stepper.step(batch)
+        synchronize(device)
+        warmup_s[name] = time.perf_counter() - start
     times: dict[str, list[float]] = {name: [] for name in steppers}
     for _ in range(steps):
         for name, stepper in steppers.items():
@@ -155,6 +173,7 @@ def time_interleaved(steppers: dict[str, Stepper], batch: dict, warmup: int, ste
         results[name] = {
             "step_s": median,
             "step_s_all": times[name],
+            "warmup_s": warmup_s[name],
             "scans_per_s": batch["image"].shape[0] / median,
             "peak_memory_bytes": peak,
         }
@@ -212,6 +231,79 @@ def profile_steps(stepper: Stepper, batch: dict, steps: int, path: Path) -> dict
     }
 
 
+def input_stage_checks(module: JEPAPretrainModule, batch: dict, repeats: int = 5) -> dict[str, Any]:
+    """The encoder's input stage at the benchmark's batch, the way it ran before against the way it runs now.
+
+    * patch embedding, forward + backward to the weights: ``F.conv3d`` (kernel = stride) against ``PatchEmbed3D``'s
+      one GEMM over unfolded patches, same weights;
+    * RoPE tables of the stacked context masks: recomputed from the ids (``token_positions`` + ``rope_tables``)
+      against rows gathered from the encoder's cached ``RopeTable``.
+
+    bf16 autocast on CUDA, fp32 on CPU; medians of ``repeats`` timed calls after one untimed call; max abs differences
+    of the outputs (and of the weight gradients for the patch embedding).
+    """
+    from torch.nn import functional as F
+
+    from neurojepa_pl.models.rope import rope_tables, token_positions
+
+    encoder = module.context_encoder
+    embed, images = encoder.patch_embed, batch["image"]
+    device = images.device
+    weights = (embed.proj.weight, embed.proj.bias)
+
+    def timed(fn: Any) -> tuple[float, Any]:
+        times, out = [], None
+        for _ in range(repeats + 1):
+            synchronize(device)
+            start = time.perf_counter()
+            out = fn()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:]), out
+
+    def with_grads(forward: Any) -> Any:
+        def run() -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = forward()
+            return out.detach(), torch.autograd.grad(out.float().square().mean(), weights)
+
+        return run
+
+    def conv() -> torch.Tensor:
+        return F.conv3d(images, *weights, stride=embed.proj.stride).flatten(2).transpose(1, 2)
+
+    conv_s, (conv_out, conv_grads) = timed(with_grads(conv))
+    default_impl, embed.gemm = embed.gemm, True  # time the GEMM path on every device (CPU defaults to the conv)
+    try:
+        gemm_s, (gemm_out, gemm_grads) = timed(with_grads(lambda: embed(images)))
+    finally:
+        embed.gemm = default_impl
+    ids = torch.cat(batch["context_idx"])  # [M*B, Kc]
+    with torch.no_grad():
+        layout, axis_dim = encoder.rope.layout, encoder.rope.axis_dim
+        recompute_s, (cos_old, _) = timed(
+            lambda: rope_tables(token_positions(ids, encoder.grid_size, layout), axis_dim)
+        )
+        cached_s, (cos_new, _) = timed(lambda: encoder.rope(ids))
+    return {
+        "patch_embed": {
+            "conv3d_fwd_bwd_s": conv_s,
+            "gemm_fwd_bwd_s": gemm_s,
+            "speedup_gemm_over_conv3d": conv_s / gemm_s,
+            "max_abs_diff_out": float((conv_out.float() - gemm_out.float()).abs().max()),
+            "max_abs_out": float(conv_out.float().abs().max()),
+            "max_abs_diff_weight_grad": float((conv_grads[0] - gemm_grads[0]).abs().max()),
+        },
+        "rope_tables": {
+            "tokens": int(ids.numel()),
+            "recompute_s": recompute_s,
+            "cached_gather_s": cached_s,
+            "speedup_cached_over_recompute": recompute_s / cached_s,
+            "max_abs_diff": float((cos_old - cos_new).abs().max()),
+        },
+    }
+
+
 def bf16_peak(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -263,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     for layer in ours.moe + baseline.moe:
         layer.counts.zero_()
     flops = flops_per_scan(ours, batch)
+    checks = input_stage_checks(ours_module, batch)
     if args.compile:
         for network in (ours_module.context_encoder, ours_module.target_encoder, ours_module.predictor):
             network.compile()
@@ -274,11 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
+        "cuda": torch.version.cuda,
         "config": str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config),
         "preset": args.preset,
         "encoder": model_args["encoder"],
         "batch": batch_size,
         "num_masks": len(batch["context_idx"]),
+        "warmup_steps": warmup,
+        "timed_steps": steps,
         "precision": "bf16-autocast" if device.type == "cuda" else "fp32",
         "compile": args.compile,
         "ours": timed_ours,
@@ -295,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         "loss_baseline": loss_base,
         "loss_abs_diff": abs(loss_ours - loss_base),
         "profile_ours": profile,
+        "input_stage": checks,
     }
     if not all(math.isfinite(v) for v in (loss_ours, loss_base)):
         raise RuntimeError(f"non-finite loss in the benchmark: ours {loss_ours}, baseline {loss_base}")

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 
 @torch.no_grad()
@@ -54,7 +55,28 @@ def _aligned_pairs(target: nn.Module, online: nn.Module, what: str) -> tuple[lis
                 f"EMATargetUpdate: {what} mismatch, target {tn} {tuple(t.shape)} {t.dtype} vs context {on} "
                 f"{tuple(o.shape)} {o.dtype}. Both encoders must share one architecture and precision."
             )
+        if _sharding(t) != _sharding(o):
+            raise RuntimeError(
+                f"EMATargetUpdate: target {tn} is sharded as {_sharding(t)} but context {on} as {_sharding(o)}. Both "
+                "encoders must be sharded with the same plan (JEPAPretrainModule.configure_model), so that the EMA "
+                "can run on the local shards without communication."
+            )
     return [t for _, t in t_items], [o for _, o in o_items]
+
+
+def _sharding(t: Tensor) -> tuple[Any, ...] | None:
+    """Device mesh and placements of a DTensor (FSDP2), None for a plain tensor."""
+    return (t.device_mesh, tuple(t.placements)) if isinstance(t, DTensor) else None
+
+
+def local_shards(tensors: list[Tensor]) -> list[Tensor]:
+    """The local shard of each DTensor (FSDP2 parameters), other tensors as they are.
+
+    Under ``no_grad`` ``DTensor.to_local()`` is the shard itself, so in-place updates of the result update the
+    parameter. Taken afresh at every update (a cheap attribute read), because FSDP2 may swap the local tensor at its
+    lazy initialisation in the first forward.
+    """
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
 class EMATargetUpdate(Callback):
@@ -70,7 +92,8 @@ class EMATargetUpdate(Callback):
 
     Module surface used: ``context_encoder``, ``target_encoder``, ``schedule``, ``update_step``.
     Under FSDP both encoders are wrapped identically, so the cached parameter lists are the aligned local shards and the
-    update needs no communication.
+    update needs no communication; under FSDP2 the parameters are DTensors with identical placements (checked), and
+    the update runs on their local shards (:func:`local_shards`), again without communication.
     """
 
     def __init__(self) -> None:
@@ -97,7 +120,8 @@ class EMATargetUpdate(Callback):
             return
         self._last_update_step = pl_module.update_step
         momentum = pl_module.schedule.at(pl_module.update_step).ema_momentum
-        ema_update_(self._target_params, self._online_params, momentum)
+        with torch.no_grad():
+            ema_update_(local_shards(self._target_params), local_shards(self._online_params), momentum)
         with torch.no_grad():
             for target_buffer, online_buffer in zip(self._target_buffers, self._online_buffers):
                 target_buffer.copy_(online_buffer)

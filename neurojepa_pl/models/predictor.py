@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from neurojepa_pl.models.blocks import LAYER_NORM_EPS, TransformerBlock, init_transformer_weights, run_block
-from neurojepa_pl.models.rope import PositionLayout, RopeDtype, rope_axis_dim, rope_tables, token_positions
+from neurojepa_pl.models.rope import PositionLayout, RopeDtype, RopeTable, rope_axis_dim
 from neurojepa_pl.models.vit3d import as_triple, no_weight_decay_names, rope_compute_dtype
 
 __all__ = ["Predictor3D"]
@@ -94,6 +94,7 @@ class Predictor3D(nn.Module):
         self.predictor_blocks = nn.ModuleList(blocks)
         self.predictor_norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
         self.predictor_proj = nn.Linear(embed_dim, encoder_embed_dim)
+        self.rope = RopeTable(self.grid_size, self._position_layout, self._rope_axis_dim)
         init_transformer_weights(self, blocks)  # mask tokens stay zero (not touched by the init)
 
     def forward(self, context: Tensor, context_idx: Tensor, target_idx: Tensor, mask_index: int = 0) -> Tensor:
@@ -125,8 +126,7 @@ class Predictor3D(nn.Module):
         sorted_ids = ids.gather(1, order)
         x = x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
-        positions = token_positions(sorted_ids, self.grid_size, self._position_layout)
-        cos, sin = rope_tables(positions, self._rope_axis_dim, rope_compute_dtype(self.rope_dtype, x))
+        cos, sin = self.rope(sorted_ids, rope_compute_dtype(self.rope_dtype, x))
         for block in self.predictor_blocks:
             x = run_block(block, x, cos, sin, self.grad_checkpointing)
         x = self.predictor_norm(x)

@@ -1,4 +1,4 @@
-"""3D Vision Transformer encoder of Neuro-JEPA (docs/method.md §2): Conv3d patches, RoPE, gated attention, optional MoE.
+"""3D Vision Transformer encoder of Neuro-JEPA (docs/method.md §2): patch GEMM, RoPE, gated attention, optional MoE.
 
 No cls token and no absolute position embedding: positions enter only through 3D RoPE on the token ids, so a
 masked forward (kept ids only) is the same network as a full one.
@@ -10,13 +10,21 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from neurojepa_pl.models.blocks import LAYER_NORM_EPS, TransformerBlock, init_transformer_weights, run_block
 from neurojepa_pl.models.moe import MoEConfig, MoEDispatch, MoEFeedForward
-from neurojepa_pl.models.rope import PositionLayout, RopeDtype, rope_axis_dim, rope_tables, token_positions
+from neurojepa_pl.models.rope import PositionLayout, RopeDtype, RopeTable, rope_axis_dim
 
-__all__ = ["PatchEmbed3D", "VisionTransformer3D", "no_weight_decay_names", "as_triple", "rope_compute_dtype"]
+__all__ = [
+    "PatchEmbed3D",
+    "VisionTransformer3D",
+    "no_weight_decay_names",
+    "as_triple",
+    "rope_compute_dtype",
+    "unfold_patches",
+]
 
 RopeLayoutOption = Literal["reference", "grid"]
 _ROPE_LAYOUTS = ("reference", "grid")
@@ -50,14 +58,46 @@ def no_weight_decay_names(module: nn.Module) -> set[str]:
 
 
 class PatchEmbed3D(nn.Module):
-    """Conv3d with kernel = stride = patch: ``[B, in_chans, D, H, W] -> [B, N, C]``, tokens in C order."""
+    """Non-overlapping 3D patches to tokens: ``[B, in_chans, D, H, W] -> [B, N, C]``, tokens in C order.
+
+    The parameters are those of ``Conv3d(kernel = stride = patch)`` (``proj.weight`` ``[C, in_chans, p0, p1, p2]``,
+    ``proj.bias`` ``[C]``: the reference's keys, shapes and init), but the product runs as one GEMM of the unfolded
+    patches ``[B*N, in_chans*p0*p1*p2]`` with the weight viewed as ``[C, in_chans*p0*p1*p2]``. With kernel = stride
+    the convolution is exactly that product; cuDNN ran it as a generic 3D implicit GEMM plus layout transposes, ~10%
+    of the compiled H200 step (benchmarks/README.md).
+
+    ``gemm`` picks the implementation: ``None`` (default) runs the GEMM on CUDA and the convolution elsewhere, because
+    on CPU the convolution was the faster of the two (0.70x for the GEMM at the paper geometry,
+    ``benchmarks/pretrain_step.py --device cpu``); ``True`` / ``False`` force one. Both give the same numbers within
+    rounding (tests/models/test_vit3d.py).
+    """
 
     def __init__(self, patch_size: tuple[int, int, int], in_chans: int, embed_dim: int) -> None:
         super().__init__()
+        self.patch_size = patch_size
         self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.gemm: bool | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        """``[B, in_chans, D, H, W]`` (each side a multiple of the patch) -> ``[B, N, C]``."""
+        if not (x.is_cuda if self.gemm is None else self.gemm):
+            return self.proj(x).flatten(2).transpose(1, 2)
+        if torch.is_autocast_enabled(x.device.type):
+            # The cast autocast would apply inside F.linear, done before the unfold copies half the bytes.
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return F.linear(unfold_patches(x, self.patch_size), self.proj.weight.flatten(1), self.proj.bias)
+
+
+def unfold_patches(x: Tensor, patch_size: Sequence[int]) -> Tensor:
+    """Cut volumes into non-overlapping patches, in token (C) order: ``[B, C, D, H, W] -> [B, N, C*p0*p1*p2]``.
+
+    Row ``n`` holds token ``n``'s voxels in the order of a ``Conv3d`` weight's ``[C, p0, p1, p2]``.
+    """
+    b, c, d, h, w = x.shape
+    p0, p1, p2 = (int(p) for p in patch_size)
+    g0, g1, g2 = d // p0, h // p1, w // p2
+    x = x.reshape(b, c, g0, p0, g1, p1, g2, p2).permute(0, 2, 4, 6, 1, 3, 5, 7)  # [B, g0, g1, g2, C, p0, p1, p2]
+    return x.reshape(b, g0 * g1 * g2, c * p0 * p1 * p2)
 
 
 class VisionTransformer3D(nn.Module):
@@ -144,6 +184,7 @@ class VisionTransformer3D(nn.Module):
         }
 
         self.patch_embed = PatchEmbed3D(patch, in_chans, embed_dim)
+        self.rope = RopeTable(self.grid_size, self._position_layout, self._rope_axis_dim)
         blocks = [
             TransformerBlock(
                 embed_dim,
@@ -214,12 +255,10 @@ class VisionTransformer3D(nn.Module):
         if x.dim() != 5 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"Expected input [B, {', '.join(map(str, expected))}]; found {list(x.shape)}.")
         tokens = self.patch_embed(x)
-        if masks is None:
-            ids = torch.arange(self.num_patches, device=x.device).unsqueeze(0)
-        else:
+        ids = None
+        if masks is not None:
             tokens, ids = gather_masked_tokens(tokens, masks)
-        positions = token_positions(ids, self.grid_size, self._position_layout)
-        cos, sin = rope_tables(positions, self._rope_axis_dim, rope_compute_dtype(self.rope_dtype, tokens))
+        cos, sin = self.rope(ids, rope_compute_dtype(self.rope_dtype, tokens))
         return tokens, cos, sin
 
     def _run_block(self, block: nn.Module, tokens: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

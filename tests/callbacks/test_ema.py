@@ -1,4 +1,4 @@
-"""EMATargetUpdate: maths against hand values, foreach over mixed shapes, once per optimizer step."""
+"""EMATargetUpdate: maths against hand values, foreach over mixed shapes, once per optimizer step, FSDP2 shards."""
 
 import lightning.pytorch as pl
 import pytest
@@ -90,3 +90,53 @@ def test_ema_rejects_mismatched_encoders(tmp_path):
     module.target_encoder = torch.nn.Linear(2, 2)
     with pytest.raises(RuntimeError, match="target_encoder has .* parameters"):
         EMATargetUpdate().on_train_start(tiny_trainer(tmp_path), module)
+
+
+@pytest.fixture
+def gloo_world_of_one(tmp_path):
+    """A one-process gloo group and its CPU device mesh, for DTensor parameters without a second process."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp2_pair(mesh, shard_target: bool = True):
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    online = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    target = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    for module in (online, target) if shard_target else (online,):
+        fully_shard(module[0], mesh=mesh)
+        fully_shard(module, mesh=mesh, reshard_after_forward=True)
+    return target, online
+
+
+def test_ema_updates_dtensor_parameters_through_their_local_shards(gloo_world_of_one):
+    from torch.distributed.tensor import DTensor
+
+    from neurojepa_pl.callbacks.ema import _aligned_pairs, local_shards
+
+    target, online = _fsdp2_pair(gloo_world_of_one)
+    t_params, o_params = _aligned_pairs(target, online, "parameters")
+    assert all(isinstance(p, DTensor) for p in t_params + o_params)
+    before = [p.full_tensor().clone() for p in t_params]
+    with torch.no_grad():
+        shards = local_shards(t_params)
+        assert not any(isinstance(s, DTensor) for s in shards)
+        ema_update_(shards, local_shards(o_params), 0.75)
+    for got, t, o in zip(t_params, before, o_params):  # the in-place shard update reached the DTensor parameters
+        torch.testing.assert_close(got.full_tensor(), 0.75 * t + 0.25 * o.full_tensor(), rtol=0, atol=1e-6)
+
+
+def test_ema_rejects_differently_sharded_encoders(gloo_world_of_one):
+    from neurojepa_pl.callbacks.ema import _aligned_pairs
+
+    target, online = _fsdp2_pair(gloo_world_of_one, shard_target=False)  # the context sharded, the target not
+    with pytest.raises(RuntimeError, match="same plan"):
+        _aligned_pairs(target, online, "parameters")

@@ -1,4 +1,4 @@
-"""RoPE position layouts (docs/method.md §2.2 table) and the rotation itself on hand-computed cases."""
+"""RoPE position layouts (docs/method.md §2.2 table), the rotation on hand-computed cases, and the cached tables."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from neurojepa_pl.models.rope import apply_rope, rope_axis_dim, rope_tables, token_positions
+from neurojepa_pl.models.rope import RopeTable, apply_rope, rope_axis_dim, rope_tables, token_positions
 
 PAPER_GRID = (8, 9, 8)
 SPEC_TOKENS = torch.tensor([8, 71, 72, 575])
@@ -106,3 +106,64 @@ def test_activation_dtype_tables():
     assert cos16.dtype == torch.bfloat16
     assert (cos16.float() - cos32).abs().max() < 0.05
     assert not torch.equal(cos16.float(), cos32)
+
+
+# ------------------------------------------------------------------------------------------ cached tables
+@pytest.mark.parametrize("layout", ["grid", "reference_encoder", "reference_predictor"])
+def test_table_rows_equal_the_uncached_computation(layout):
+    table = RopeTable(PAPER_GRID, layout, 20)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.stack([torch.randperm(576, generator=gen)[:144] for _ in range(3)])  # [B, K], random order
+    cos, sin = table(ids)
+    want_cos, want_sin = rope_tables(token_positions(ids, PAPER_GRID, layout), 20)
+    assert cos.shape == (3, 144, 60) and cos.dtype == torch.float32
+    torch.testing.assert_close(cos, want_cos, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin, want_sin, rtol=0, atol=1e-6)
+    full_cos, _ = table(None)  # all tokens in id order, broadcastable over the batch
+    torch.testing.assert_close(
+        full_cos, rope_tables(token_positions(torch.arange(576)[None], PAPER_GRID, layout), 20)[0]
+    )
+
+
+def test_table_is_computed_once_and_reused(monkeypatch):
+    import neurojepa_pl.models.rope as rope
+
+    calls = []
+    original = rope.rope_tables
+    monkeypatch.setattr(rope, "rope_tables", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
+    table = RopeTable(PAPER_GRID, "reference_encoder", 20)
+    assert calls == [(576, 3)]  # once, at construction, for the whole grid
+    stored = table.cos.data_ptr()
+    for seed in range(3):
+        ids = torch.randperm(576, generator=torch.Generator().manual_seed(seed))[:100][None]
+        table(ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cos, _ = table(ids)
+    assert cos.dtype == torch.float32  # float32 asked for: autocast does not touch the tables
+    assert calls == [(576, 3)] and table.cos.data_ptr() == stored
+    table(ids, torch.bfloat16)  # another dtype (rope_dtype="activation") is computed per call, as the reference does
+    assert len(calls) == 2
+
+
+def test_different_geometries_give_different_tables():
+    paper, cube = RopeTable(PAPER_GRID, "grid", 20), RopeTable((4, 4, 4), "grid", 20)
+    assert paper.cos.shape == (576, 60) and cube.cos.shape == (64, 60)
+    ids = torch.tensor([[9, 17, 63]])
+    # id 9 is (0, 1, 1) on 8x9x8 but (0, 2, 1) on 4x4x4
+    assert not torch.equal(paper(ids)[0], cube(ids)[0])
+    torch.testing.assert_close(cube(ids)[0], rope_tables(token_positions(ids, (4, 4, 4), "grid"), 20)[0])
+    narrow = RopeTable(PAPER_GRID, "grid", 10)  # another head width, same grid
+    assert narrow.cos.shape == (576, 30)
+
+
+def test_table_survives_casts_and_meta_materialisation():
+    table = RopeTable(PAPER_GRID, "reference_predictor", 20)
+    expected = table.cos.clone()
+    table.to(torch.bfloat16)  # e.g. precision "bf16-true": the tables are recomputed, not rounded
+    assert table.cos.dtype == torch.float32 and torch.equal(table.cos, expected)
+    with torch.device("meta"):
+        lazy = RopeTable(PAPER_GRID, "reference_predictor", 20)
+    assert lazy.cos.is_meta
+    lazy.to_empty(device="cpu")  # what FSDP / Lightning do after a meta-device init
+    assert torch.equal(lazy.cos, expected)
+    assert "cos" not in table.state_dict()  # a pure function of the geometry: never in a checkpoint

@@ -1,4 +1,5 @@
-"""Encoder behaviour: masking semantics, checkpointing, intermediates, init rules, backbone API."""
+"""Encoder behaviour: patch GEMM, cached RoPE tables, masking semantics, checkpointing, intermediates, init rules,
+backbone API."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from neurojepa_pl.models import VisionTransformer3D, build_encoder
 from neurojepa_pl.models.moe import MoEFeedForward
+from neurojepa_pl.models.vit3d import PatchEmbed3D
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +28,97 @@ def _random_masks(batch: int, keep: int, seed: int) -> torch.Tensor:
 def moe_encoder() -> VisionTransformer3D:
     torch.manual_seed(0)
     return build_encoder("vit_tiny_moe").eval()
+
+
+def _conv_reference(embed: PatchEmbed3D, x: torch.Tensor) -> torch.Tensor:
+    """What the patch embedding computed before: Conv3d(kernel = stride), flattened to tokens in C order."""
+    return embed.proj(x).flatten(2).transpose(1, 2)
+
+
+def test_patch_gemm_equals_the_convolution_in_fp32():
+    torch.manual_seed(0)
+    embed = PatchEmbed3D((2, 3, 4), in_chans=2, embed_dim=16)  # non-cubic patch, two channels: the unfold order
+    embed.gemm = True  # on CPU the default is the convolution
+    with torch.no_grad():
+        embed.proj.bias.normal_()
+    x = torch.randn(3, 2, 6, 9, 8, requires_grad=True)
+    gemm, conv = embed(x), _conv_reference(embed, x)
+    assert gemm.shape == (3, 3 * 3 * 2, 16)
+    torch.testing.assert_close(gemm, conv, rtol=1e-5, atol=1e-5)
+    weight_grad, input_grad = torch.autograd.grad(gemm.square().sum(), (embed.proj.weight, x))
+    want_weight_grad, want_input_grad = torch.autograd.grad(conv.square().sum(), (embed.proj.weight, x))
+    torch.testing.assert_close(weight_grad, want_weight_grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(input_grad, want_input_grad, rtol=1e-5, atol=1e-5)
+    # same parameters as the Conv3d of the reference: keys and shapes (tests/models/reference/*.tsv load through them)
+    assert {k: tuple(v.shape) for k, v in embed.state_dict().items()} == {
+        "proj.weight": (16, 2, 2, 3, 4),
+        "proj.bias": (16,),
+    }
+
+
+def test_patch_gemm_equals_the_convolution_in_bf16(volume):
+    torch.manual_seed(0)
+    embed = build_encoder("vit_tiny").patch_embed  # the tiny encoder's 6^3 patches, 216 products per output
+    embed.gemm = True
+    with torch.no_grad():
+        exact = _conv_reference(embed, volume)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            gemm, conv = embed(volume), _conv_reference(embed, volume)
+    assert gemm.dtype == conv.dtype == torch.bfloat16
+    # bf16 inputs and weights (8 mantissa bits): both ways stay within bf16 rounding of the fp32 product
+    scale = exact.abs().max()
+    assert (gemm.float() - exact).abs().max() < 2e-2 * scale
+    assert (gemm.float() - conv.float()).abs().max() < 2e-2 * scale
+    assert (gemm.float() - exact).abs().mean() < 2e-3 * scale
+
+
+def test_patch_embedding_runs_the_convolution_on_cpu_by_default():
+    embed = PatchEmbed3D((2, 2, 2), in_chans=1, embed_dim=4)
+    x = torch.randn(1, 1, 4, 4, 4)
+    calls = []
+    embed.proj.register_forward_hook(lambda *_: calls.append(1))
+    embed(x)
+    assert calls == [1]  # the Conv3d ran
+    embed.gemm = True
+    embed(x)
+    assert calls == [1]  # the GEMM path reads the weights without calling the Conv3d
+
+
+def test_every_block_gets_the_cached_rope_tables(moe_encoder, volume):
+    seen = []
+    hooks = [
+        block.attn.register_forward_pre_hook(lambda mod, args: seen.append((args[1].data_ptr(), args[1].shape)))
+        for block in moe_encoder.blocks
+    ]
+    try:
+        with torch.no_grad():
+            moe_encoder(volume)  # all tokens: the table itself, broadcast over the batch
+            assert seen == [(moe_encoder.rope.cos.data_ptr(), torch.Size([1, 576, 12]))] * 2
+            seen.clear()
+            moe_encoder(volume, _random_masks(2, 144, seed=0))  # masked: one gather, shared by all blocks
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len({ptr for ptr, _ in seen}) == 1 and seen[0][1] == (2, 144, 12)
+
+
+def test_compiled_encoder_does_not_recompile_for_new_masks(volume):
+    # torch.compile's graph front end on CPU (aot_eager: no C++ toolchain needed); the masks change every call.
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    encoder = build_encoder("vit_tiny").eval()
+    compiled = torch.compile(encoder, backend="aot_eager")
+    with torch.no_grad():
+        for seed in range(3):
+            masks = [_random_masks(2, 144, seed=10 * seed + m) for m in range(3)]
+            torch.testing.assert_close(compiled(volume, masks), encoder(volume, masks), rtol=1e-4, atol=1e-4)
+            if seed == 0:
+                frames = dict(torch._dynamo.utils.counters["frames"])
+    assert frames["ok"] >= 1
+    assert dict(torch._dynamo.utils.counters["frames"]) == frames  # nothing traced after the first call
+    assert not torch._dynamo.utils.counters["graph_break"]
 
 
 def test_attributes_and_full_forward(moe_encoder, volume):
@@ -165,6 +259,25 @@ def test_config_rebuilds_identical_architecture(moe_encoder):
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
         k: v.shape for k, v in moe_encoder.state_dict().items()
     }
+
+
+@pytest.mark.gpu
+def test_cuda_patch_gemm_equals_the_convolution():
+    torch.manual_seed(0)
+    embed = PatchEmbed3D((12, 12, 12), in_chans=1, embed_dim=768).cuda()  # the paper's patch embedding
+    with torch.no_grad():
+        embed.proj.bias.normal_()
+        x = torch.randn(4, 1, 96, 108, 96, device="cuda")
+        weight, bias = embed.proj.weight.double(), embed.proj.bias.double()
+        exact = F.conv3d(x.double(), weight, bias, stride=12).flatten(2).transpose(1, 2)
+        fp32 = embed(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16, conv16 = embed(x), _conv_reference(embed, x)
+    scale = exact.abs().max().item()
+    assert (fp32.double() - exact).abs().max().item() < 1e-4 * scale
+    assert bf16.dtype == conv16.dtype == torch.bfloat16
+    assert (bf16.double() - exact).abs().max().item() < 2e-2 * scale
+    assert (bf16.double() - conv16.double()).abs().max().item() < 2e-2 * scale
 
 
 @pytest.mark.gpu
