@@ -46,7 +46,10 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from neurojepa_pl.data.label_mapping import CHECKPOINT_KEY as LABEL_SIGNATURE_KEY
+from neurojepa_pl.data.label_mapping import check_label_mapping, label_signature
 from neurojepa_pl.losses.cox import cox_ph_loss, gather_survival_batch
+from neurojepa_pl.metrics.fairness import SubgroupColumn, evaluate_run_fairness
 from neurojepa_pl.metrics.prediction_store import PredictionStore
 from neurojepa_pl.metrics.predictions import write_predictions
 from neurojepa_pl.metrics.report import log_figures, save_figures, write_metrics_json
@@ -147,6 +150,9 @@ class DownstreamModule(LightningModule):
             directory, else the trainer's ``default_root_dir``).
         class_names: names of the classes / labels in reports (multilabel defaults to the data module's label
             columns).
+        fairness_columns: subgroup columns (``site``, ``sex``, ``age`` or ``age:0:45:65:inf``, any manifest column)
+            whose per-group metrics and fairness gaps are added to ``metrics.json`` under ``"fairness"`` after the
+            test report (:func:`neurojepa_pl.metrics.fairness.evaluate_run_fairness`; ``None``: off).
     """
 
     def __init__(
@@ -177,6 +183,7 @@ class DownstreamModule(LightningModule):
         bootstrap_seed: int = 0,
         output_dir: str | None = None,
         class_names: list[str] | None = None,
+        fairness_columns: list[str] | None = None,
     ):
         super().__init__()
         if head not in HEADS:
@@ -237,6 +244,8 @@ class DownstreamModule(LightningModule):
         self.bootstrap_seed = int(bootstrap_seed)
         self.output_dir = output_dir
         self.class_names = list(class_names) if class_names is not None else None
+        # Parsed now, so that a mistyped column spec fails before training rather than after the test.
+        self.fairness_columns = [SubgroupColumn.parse(c).spec() for c in fairness_columns or []]
         # Saved before the builders run, so a subclass's builder can read its own options from self.hparams.
         self.save_hyperparameters(frame=_outermost_init_frame(self))
 
@@ -252,6 +261,7 @@ class DownstreamModule(LightningModule):
         self.schedule: DownstreamSchedule | None = None
         self._stores = {"val": PredictionStore(), "test": PredictionStore()}
         self.test_results: dict[str, tuple[float, float, float]] | None = None
+        self.label_transfer: dict[str, Any] | None = None  # source/target labels of a loaded checkpoint
 
     # ------------------------------------------------------------------ builders (called once by __init__)
     def build_backbone(self) -> nn.Module:
@@ -344,6 +354,22 @@ class DownstreamModule(LightningModule):
             )
         if self.class_names is None and self.task == "multilabel" and getattr(datamodule, "label_columns", None):
             self.class_names = list(datamodule.label_columns)
+
+    # ------------------------------------------------------------------ label mapping (cross-cohort tests)
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # What the head's outputs mean, so that a later test on other data can be checked (docs/method.md §11).
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if getattr(datamodule, "task", None) is not None:
+            checkpoint[LABEL_SIGNATURE_KEY] = label_signature(datamodule, split="all").to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning restores after setup: the data module is the one the checkpoint will be trained or tested on.
+        # Prediction (embeddings) is allowed on any data.
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if datamodule is not None and not trainer.predicting:
+            stored = checkpoint.get(LABEL_SIGNATURE_KEY)
+            self.label_transfer = check_label_mapping(stored, datamodule, trainer.ckpt_path)
 
     # ------------------------------------------------------------------ optimisation
     def _schedule_steps(self) -> tuple[int, int]:
@@ -507,6 +533,7 @@ class DownstreamModule(LightningModule):
             "k_shot": dm_hparams.get("k_shot"),
             "few_shot_seed": dm_hparams.get("few_shot_seed") if dm_hparams.get("k_shot") is not None else None,
             "manifest": dm_hparams.get("manifest"),
+            "transfer": self.label_transfer,
         }
         write_metrics_json(
             out / "metrics.json",
@@ -521,6 +548,11 @@ class DownstreamModule(LightningModule):
         figures = task_figures(self.task, arrays, self.class_names, self.report_unit())
         save_figures(figures, out / "figures")
         log_figures(self.loggers, figures, step=self.global_step, prefix="test")
+        if self.fairness_columns:
+            evaluate_run_fairness(
+                out, self.fairness_columns, manifest=dm_hparams.get("manifest"), class_names=self.class_names,
+                n_boot=self.n_bootstrap, alpha=self.ci_alpha, seed=self.bootstrap_seed,
+            )  # fmt: skip
         log.info("test report written to %s", out)
         return results
 
