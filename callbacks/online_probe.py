@@ -12,6 +12,12 @@ Every ``every_n_epochs`` training epochs, on global rank 0:
    AUROC, and its test AUROC when the manifest has a test split, are logged as ``probe/val_auroc/<label>``,
    ``probe/test_auroc/<label>`` plus the macro means ``probe/val_auroc_macro`` / ``probe/test_auroc_macro``.
 
+With ``probe="linear"`` steps 3-4 are replaced by the cheap probe of ``neurojepa learning-curve``
+(:func:`neurojepa_pl.metrics.probes.fit_linear_probe`): per label, standardisation + logistic regression on the
+pooled train features (``linear_pooling``, :data:`neurojepa_pl.features.POOLINGS`), its L2 strength chosen by a
+subject-grouped inner CV on the train rows, scored on val and test; the logged names are the same. It costs
+milliseconds instead of probe epochs, so it can run every epoch and draws the learning curve during pretraining.
+
 Other ranks wait at a barrier. The probe's randomness (head init, batch order) comes from ``seed`` and the epoch and
 never touches the global RNG. Sharded encoders (FSDP) cannot run on one rank; the callback refuses them.
 """
@@ -29,8 +35,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from neurojepa_pl.data import load_manifest
 from neurojepa_pl.data.transforms import TransformSettings
-from neurojepa_pl.features import extract_tokens, load_eval_volumes
+from neurojepa_pl.features import POOLINGS, extract_pooled_features, extract_tokens, load_eval_volumes
 from neurojepa_pl.metrics.classification import classification_metrics
+from neurojepa_pl.metrics.probes import fit_linear_probe, probe_metric, probe_scores
 from neurojepa_pl.models.heads import AttentiveClassifier
 
 log = logging.getLogger(__name__)
@@ -55,6 +62,10 @@ class OnlineProbeMonitor(Callback):
         spatial_size / resize_to / pad_crop_size / target_spacing: loading-chain settings; ``None`` takes all of
             them from the training data module's ``settings`` (so the probe sees the encoder's input size).
         seed: seed of head init and batch order (combined with the epoch).
+        probe: ``"attentive"`` (the reference's monitor, default) or ``"linear"`` (see the module docstring; the
+            ``probe_*`` settings of the attentive heads are then unused).
+        linear_pooling: token pooling of the linear probe (``"mean"`` or ``"fg_mean"``).
+        linear_inner_folds: subject-grouped inner CV folds choosing the linear probe's L2 strength.
     """
 
     def __init__(
@@ -74,9 +85,21 @@ class OnlineProbeMonitor(Callback):
         pad_crop_size: list[int] | None = None,
         target_spacing: list[float] | None = None,
         seed: int = 0,
+        probe: str = "attentive",
+        linear_pooling: str = "mean",
+        linear_inner_folds: int = 3,
     ):
         if not label_columns:
             raise ValueError("OnlineProbeMonitor needs at least one label column.")
+        if probe not in ("attentive", "linear"):
+            raise ValueError(f"probe must be 'attentive' or 'linear'; got {probe!r}.")
+        if linear_pooling not in POOLINGS:
+            raise ValueError(f"linear_pooling must be one of {POOLINGS}; got {linear_pooling!r}.")
+        if linear_inner_folds < 2:
+            raise ValueError(f"linear_inner_folds must be >= 2; got {linear_inner_folds}.")
+        self.probe = probe
+        self.linear_pooling = linear_pooling
+        self.linear_inner_folds = int(linear_inner_folds)
         if every_n_epochs < 1 or probe_epochs < 1 or batch_size < 1:
             raise ValueError("every_n_epochs, probe_epochs and batch_size must be >= 1.")
         self.manifest = manifest
@@ -104,6 +127,7 @@ class OnlineProbeMonitor(Callback):
         self.seed = int(seed)
         self._volumes: dict[str, torch.Tensor] | None = None
         self._labels: dict[str, np.ndarray] | None = None
+        self._subjects: dict[str, np.ndarray] = {}
         self.last_results: dict[str, float] = {}
 
     # ------------------------------------------------------------------ data
@@ -120,7 +144,9 @@ class OnlineProbeMonitor(Callback):
 
     def _load(self, trainer: Trainer) -> None:
         df = load_manifest(self.manifest)
-        missing = [c for c in ("path", "split", *self.label_columns) if c not in df.columns]
+        # The linear probe's inner CV groups the train rows by subject.
+        required = ("path", "split", *(("subject_id",) if self.probe == "linear" else ()), *self.label_columns)
+        missing = [c for c in required if c not in df.columns]
         if missing:
             raise ValueError(f"{self.manifest}: OnlineProbeMonitor needs columns {missing}; found {list(df.columns)}.")
         if self.modality is not None:
@@ -139,6 +165,8 @@ class OnlineProbeMonitor(Callback):
             self._volumes[split] = load_eval_volumes(rows["path"].tolist(), settings)
             labels = rows[self.label_columns].apply(lambda c: c.astype(float)).to_numpy(dtype=np.float64)
             self._labels[split] = labels
+            if "subject_id" in rows.columns:
+                self._subjects[split] = rows["subject_id"].to_numpy()
         log.info(
             "online probe: %s scans loaded from %s",
             {k: int(v.shape[0]) for k, v in self._volumes.items()},
@@ -172,6 +200,8 @@ class OnlineProbeMonitor(Callback):
         """Encode the probe scans with ``encoder`` and train/evaluate the probes; returns the logged values."""
         if self._volumes is None:
             self._load(trainer)
+        if self.probe == "linear":
+            return self._run_linear_probe(encoder, device, epoch)
         tokens = {
             split: extract_tokens(encoder, vols, self.batch_size, device) for split, vols in self._volumes.items()
         }
@@ -219,6 +249,47 @@ class OnlineProbeMonitor(Callback):
             for name, value in zip(self.label_columns, test_auroc):
                 results[f"probe/test_auroc/{name}"] = value
             results["probe/test_auroc_macro"] = _nanmean(test_auroc)
+        self.last_results = results
+        return results
+
+    def _run_linear_probe(self, encoder: torch.nn.Module, device: torch.device, epoch: int) -> dict[str, float]:
+        """``probe="linear"``: one logistic probe per label on pooled train features, scored on val (and test)."""
+        assert self._volumes is not None and self._labels is not None
+        features = {
+            split: extract_pooled_features(encoder, vols, [self.linear_pooling], self.batch_size, device)[
+                self.linear_pooling
+            ]
+            for split, vols in self._volumes.items()
+        }
+        results: dict[str, float] = {}
+        for j, name in enumerate(self.label_columns):
+            y = self._labels["train"][:, j]
+            seen = ~np.isnan(y)
+            try:
+                probe = fit_linear_probe(
+                    features["train"][seen],
+                    y[seen].astype(np.int64),
+                    self._subjects["train"][seen],
+                    "binary",
+                    self.linear_inner_folds,
+                    self.seed * 1_000_003 + epoch,
+                )
+            except ValueError as err:  # e.g. a class in too few train subjects for the inner CV
+                log.warning("online linear probe of %r not fitted at epoch %d: %s", name, epoch, err)
+                probe = None
+            for split in ("val", "test"):
+                if split not in features:
+                    continue
+                target = self._labels[split][:, j]
+                seen_split = ~np.isnan(target)
+                value = float("nan")
+                if probe is not None and seen_split.any():
+                    scores = probe_scores(probe, features[split][seen_split], "binary")
+                    value = probe_metric("binary", target[seen_split].astype(np.int64), scores)
+                results[f"probe/{split}_auroc/{name}"] = value
+        results["probe/val_auroc_macro"] = _nanmean([results[f"probe/val_auroc/{n}"] for n in self.label_columns])
+        if "test" in features:
+            results["probe/test_auroc_macro"] = _nanmean([results[f"probe/test_auroc/{n}"] for n in self.label_columns])
         self.last_results = results
         return results
 

@@ -105,6 +105,14 @@ def pretrain(
     return PretrainResult(checkpoint=checkpoint, log_dir=log_dir, losses=read_losses(log_dir))
 
 
+def _export_name(checkpoint: Path) -> str:
+    from neurojepa_pl.pretrain_run import read_pretraining_setup
+
+    setup = read_pretraining_setup(checkpoint)
+    name, _ = setup.backbone_args()  # the registry name (a spec's preset)
+    return name
+
+
 def export_encoder(checkpoint: Path, out_dir: Path) -> Path:
     """``neurojepa export --checkpoint CHECKPOINT --out OUT_DIR`` (the EMA target encoder, with its registry name).
 
@@ -114,7 +122,6 @@ def export_encoder(checkpoint: Path, out_dir: Path) -> Path:
     Raises:
         RuntimeError: if the export tool fails (it prints why).
     """
-    from neurojepa_pl.demos.probe_table import read_pretraining_setup
     from neurojepa_pl.tools.export import main as export_main
 
     args = [
@@ -123,7 +130,7 @@ def export_encoder(checkpoint: Path, out_dir: Path) -> Path:
         "--out",
         str(out_dir),
         "--name",
-        read_pretraining_setup(checkpoint).encoder,
+        _export_name(checkpoint),
     ]
     print("[demo] neurojepa export " + " ".join(args))
     if export_main(args) != 0:

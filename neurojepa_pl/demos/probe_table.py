@@ -16,9 +16,9 @@ manifest, label, modality and seeded patient-level split:
 
 The encoder architecture and the preprocessing grid are read from the pretraining checkpoint's hyper-parameters
 (``encoder`` / ``encoder_overrides``; the data module's ``spatial_size``, ``resize_to``, ``pad_crop_size``,
-``target_spacing``), so the downstream runs see exactly what the encoder was pretrained on. Each run writes
-``metrics.json`` (bootstrap 95% CIs), ``predictions.csv`` and ``figures/`` into ``WORKDIR/probe/<run>/``, and the table
-is written to ``WORKDIR/probe/probe_table.csv``.
+``target_spacing``; :func:`neurojepa_pl.pretrain_run.read_pretraining_setup`), so the downstream runs see exactly what
+the encoder was pretrained on. Each run writes ``metrics.json`` (bootstrap 95% CIs), ``predictions.csv`` and
+``figures/`` into ``WORKDIR/probe/<run>/``, and the table is written to ``WORKDIR/probe/probe_table.csv``.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
 from neurojepa_pl.metrics.report import read_metrics_json
+from neurojepa_pl.pretrain_run import DATA_SETTING_KEYS, PretrainingSetup, read_pretraining_setup
 
 __all__ = [
     "PretrainingSetup",
@@ -50,6 +50,7 @@ __all__ = [
     "format_probe_table",
     "main",
     "SMALL_CNN",
+    "DATA_SETTING_KEYS",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -59,67 +60,10 @@ CNN_CONFIG = REPO_ROOT / "experiments" / "finetune" / "synth_tumour_cnn.yaml"
 SMALL_CNN: dict[str, Any] = {"widths": [8, 16, 32, 32], "feat_dim": 64, "hidden_dim": 32, "pool_grid": [2, 2, 2]}
 """CPU-sized CNN baseline (same 4-stage design, ~1/1000 of the paper's parameters)."""
 
-DATA_SETTING_KEYS = ("spatial_size", "resize_to", "pad_crop_size", "target_spacing")
-"""Preprocessing settings the downstream data module must share with pretraining."""
-
 
 def cli_value(value: Any) -> str:
     # JSON is valid YAML, which is how LightningCLI parses dict / list / null values on the command line.
     return json.dumps(value)
-
-
-@dataclass(frozen=True)
-class PretrainingSetup:
-    """What the downstream runs must match: the encoder and the preprocessing grid of the pretraining run.
-
-    Attributes:
-        encoder: registry name of the pretrained encoder, e.g. ``"vit_tiny_moe"``.
-        encoder_overrides: its constructor overrides, e.g. ``{"img_size": [48, 54, 48], "patch_size": 6}``.
-        data_settings: ``spatial_size``, ``resize_to``, ``pad_crop_size``, ``target_spacing`` of its data module.
-    """
-
-    encoder: str
-    encoder_overrides: dict[str, Any]
-    data_settings: dict[str, Any]
-
-
-def read_pretraining_setup(checkpoint: Path) -> PretrainingSetup:
-    """Read the encoder and preprocessing settings from a pretraining Lightning checkpoint's hyper-parameters.
-
-    Raises:
-        ValueError: if the checkpoint has no ``hyper_parameters["encoder"]`` registry name or no data-module
-            hyper-parameters (e.g. an exported folder or a bare state dict: the grid is not recorded there).
-    """
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(
-            f"pretraining checkpoint {checkpoint} not found; run `python -m neurojepa_pl.demos.pretrain_probe` "
-            "first, or pass the .ckpt it printed."
-        )
-    # Only the hyper-parameter dicts are needed; weights_only keeps the read free of arbitrary unpickling.
-    content = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    hparams = content.get("hyper_parameters") or {}
-    data_hparams = content.get("datamodule_hyper_parameters") or {}
-    encoder = hparams.get("encoder")
-    if not isinstance(encoder, str):
-        raise ValueError(
-            f"{checkpoint}: expected a JEPA pretraining checkpoint with hyper_parameters['encoder'] set "
-            f"to a registry name; found {encoder!r}. Pass the .ckpt written by `neurojepa fit` with a "
-            "JEPAPretrainModule config."
-        )
-    missing = [key for key in DATA_SETTING_KEYS if key not in data_hparams]
-    if missing:
-        raise ValueError(
-            f"{checkpoint}: the data module's hyper-parameters lack {missing}, so the preprocessing grid "
-            "of pretraining is unknown. Use a checkpoint saved by `neurojepa fit` with a data module."
-        )
-    # The pretraining module takes the geometry of both networks as img_size / patch_size (linked from the data).
-    geometry = {key: hparams[key] for key in ("img_size", "patch_size") if hparams.get(key) is not None}
-    return PretrainingSetup(
-        encoder=encoder,
-        encoder_overrides={**dict(hparams.get("encoder_overrides") or {}), **geometry},
-        data_settings={key: data_hparams[key] for key in DATA_SETTING_KEYS},
-    )
 
 
 @dataclass(frozen=True)
@@ -166,11 +110,12 @@ def plan_runs(
         "--trainer.default_root_dir",
         str(out),
     ]
+    backbone_name, backbone_kwargs = setup.backbone_args()
     backbone = [
         "--model.init_args.backbone",
-        setup.encoder,
+        backbone_name,
         "--model.init_args.backbone_kwargs",
-        cli_value(setup.encoder_overrides),
+        cli_value(backbone_kwargs),
     ]
     probe = [
         *backbone,

@@ -76,6 +76,32 @@ def test_probe_learns_visible_label_and_leaves_state_untouched(tmp_path):
     assert monitor.run_probe(None, module.target_encoder, torch.device("cpu"), epoch=1) == results
 
 
+def test_linear_probe_mode_learns_visible_label_cheaply(tmp_path):
+    manifest = write_blob_cohort(tmp_path)
+    monitor = OnlineProbeMonitor(str(manifest), ["blob", "noise_label"], probe="linear", batch_size=8, **TINY_SETTINGS)
+    module = TinyPretrain()
+    module.target_encoder.train()
+    rng_before = torch.random.get_rng_state()
+    results = monitor.run_probe(None, module.target_encoder, torch.device("cpu"), epoch=1)
+    assert torch.equal(torch.random.get_rng_state(), rng_before) and module.target_encoder.training
+    assert results["probe/val_auroc/blob"] > 0.9 and results["probe/test_auroc/blob"] > 0.9
+    assert 0.0 <= results["probe/val_auroc/noise_label"] <= 1.0
+    assert set(results) == {
+        "probe/val_auroc/blob",
+        "probe/val_auroc/noise_label",
+        "probe/val_auroc_macro",
+        "probe/test_auroc/blob",
+        "probe/test_auroc/noise_label",
+        "probe/test_auroc_macro",
+    }
+    assert results["probe/val_auroc_macro"] == pytest.approx(
+        (results["probe/val_auroc/blob"] + results["probe/val_auroc/noise_label"]) / 2
+    )
+    assert monitor.run_probe(None, module.target_encoder, torch.device("cpu"), epoch=1) == results
+    with pytest.raises(ValueError, match="probe must be"):
+        OnlineProbeMonitor(str(manifest), ["blob"], probe="knn")
+
+
 def test_probe_runs_every_n_epochs_inside_fit(tmp_path):
     manifest = write_blob_cohort(tmp_path, {"train": 8, "val": 4})
     monitor = _monitor(manifest)

@@ -106,7 +106,7 @@ def test_probe_table_end_to_end(synth_cohort, tmp_path, capsys):
         ],
     )
     setup = demo_probe.read_pretraining_setup(pretrained.checkpoint)
-    assert setup.encoder == "vit_tiny_moe" and setup.data_settings["spatial_size"] == [32, 36, 32]
+    assert setup.preset == "vit_tiny_moe" and setup.data_settings["spatial_size"] == [32, 36, 32]
 
     rows = demo_probe.run_probe_table(
         tmp_path,
