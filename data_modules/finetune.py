@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from neurojepa_pl.data import LabelSpec, is_blank
 from neurojepa_pl.data.transforms import finetune_augmentations
 from neurojepa_pl.data_modules.base import EpochSampler, MRIDataModule
+from neurojepa_pl.errors import UserValueError
 
 log = logging.getLogger(__name__)
 
@@ -165,24 +166,37 @@ class FinetuneDataModule(MRIDataModule):
         # The base class's save_hyperparameters() also records these arguments (see PretrainDataModule).
         super().__init__(manifest=manifest, **kwargs)
         if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}; found {task!r}.")
+            raise UserValueError(f"task must be one of {TASKS}; found {task!r}.", "set data.init_args.task to one.")
         self.label_columns = list(label_columns or [])
         if task in SINGLE_LABEL_TASKS and len(self.label_columns) != 1:
-            raise ValueError(f"task {task!r} needs exactly one label column; found label_columns={label_columns}.")
+            raise UserValueError(
+                f"task {task!r} needs exactly one label column; found label_columns={label_columns}.",
+                "set data.init_args.label_columns to a list of one manifest column, e.g. [tumour].",
+            )
         if task == "multilabel" and not self.label_columns:
-            raise ValueError("task 'multilabel' needs label_columns (one 0/1 column per label).")
+            raise UserValueError(
+                "task 'multilabel' needs label_columns.", "list one 0/1 manifest column per label in label_columns."
+            )
         if task == "multiclass" and (num_classes is None or num_classes < 2):
-            raise ValueError(f"task 'multiclass' needs num_classes >= 2; found {num_classes}.")
+            raise UserValueError(
+                f"task 'multiclass' needs num_classes >= 2; found {num_classes}.",
+                "set data.init_args.num_classes to the number of classes (labels 0..num_classes-1).",
+            )
         if task == "survival" and (not time_column or not event_column):
-            raise ValueError("task 'survival' needs time_column and event_column.")
+            raise UserValueError(
+                "task 'survival' needs time_column and event_column.",
+                "name the manifest's follow-up time and event columns in data.init_args.",
+            )
         if k_shot is not None and task not in FEW_SHOT_TASKS:
-            raise ValueError(
-                f"k_shot is defined for {FEW_SHOT_TASKS} (docs/method.md §8.8: not multilabel, not survival)."
+            raise UserValueError(
+                f"k_shot is defined for {FEW_SHOT_TASKS} (docs/method.md §8.8: not multilabel, not survival).",
+                "drop k_shot for this task.",
             )
         if samples_per_epoch is not None and not (class_balanced and task in CLASS_BALANCED_TASKS):
-            raise ValueError(
+            raise UserValueError(
                 "samples_per_epoch sets the number of weighted draws; it needs class_balanced=True and a "
-                f"classification task ({CLASS_BALANCED_TASKS})."
+                f"classification task ({CLASS_BALANCED_TASKS}).",
+                "drop samples_per_epoch or set class_balanced: true.",
             )
         self.task = task
         self.dropped_rows: pd.DataFrame = pd.DataFrame()
@@ -226,13 +240,17 @@ class FinetuneDataModule(MRIDataModule):
         modality = self.hparams.modality
         if modality is None:
             if len(present) != 1:
-                raise ValueError(
-                    f"the manifest has modalities {present}; set modality (one of them) for unimodal fine-tuning."
+                raise UserValueError(
+                    f"the manifest has modalities {present}; unimodal fine-tuning needs one.",
+                    "set data.init_args.modality to one of them.",
                 )
         else:
             df = df[df["modality"] == modality]
             if df.empty:
-                raise ValueError(f"no row has modality {modality!r}; the manifest has {present}.")
+                raise UserValueError(
+                    f"no row has modality {modality!r}; the manifest has {present}.",
+                    "set data.init_args.modality to one of those (exact spelling).",
+                )
         drop, reason = self._unusable_rows(df)
         if drop.any():
             self.dropped_rows = df[drop].assign(drop_reason=reason[drop])
@@ -249,7 +267,10 @@ class FinetuneDataModule(MRIDataModule):
             )
             df = df[~drop]
         if df.empty:
-            raise ValueError(f"no row of {self.hparams.manifest} has a usable label for task {self.task!r}.")
+            raise UserValueError(
+                f"no row of {self.hparams.manifest} has a usable label for task {self.task!r}.",
+                f"fill in the label column(s) {self.label_columns or [self.hparams.time_column]} or check the task.",
+            )
         return df
 
     def _unusable_rows(self, df: pd.DataFrame) -> tuple[pd.Series, pd.Series]:

@@ -18,7 +18,12 @@ What the Lightning subcommands add to plain LightningCLI:
 * a model that takes ``img_size`` / ``patch_size`` and leaves them unset gets the data module's ``spatial_size`` /
   ``patch_size`` (:func:`_link_geometry`);
 * with stdout not a terminal (a log file, a pipe), progress is printed as plain lines
-  (:class:`neurojepa_pl.callbacks.progress.LineProgress`); on a terminal Lightning's bar is kept.
+  (:class:`neurojepa_pl.callbacks.progress.LineProgress`); on a terminal Lightning's bar is kept;
+* the user's mistakes fail fast and plainly: the manifest, its columns, the checkpoints and the model/data geometry
+  are checked before Lightning is imported where the command line allows it, and always before any model is built
+  (:mod:`neurojepa_pl.preflight`); every :class:`neurojepa_pl.errors.UserError` (there, or later: a table of unusable
+  scans, a manifest report) is printed as ``neurojepa: error: ...`` / ``fix: ...`` with exit status 2 and no traceback.
+  ``--debug`` (anywhere on a Lightning subcommand's line, or first on a tool's) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -28,14 +33,19 @@ import importlib
 import logging
 import re
 import sys
+import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from neurojepa_pl.errors import UserError, UserValueError, format_user_error
+
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 EVAL_SUBCOMMANDS = ("validate", "test", "predict")
 PROG = "neurojepa"
+DEBUG_FLAG = "--debug"
+USER_ERROR_STATUS = 2
 
 # tool name -> (module under neurojepa_pl.tools, one-line help)
 TOOLS: dict[str, tuple[str, str]] = {
@@ -48,6 +58,14 @@ TOOLS: dict[str, tuple[str, str]] = {
     "compare": ("compare", "paired permutation test between two runs' test predictions"),
     "fewshot": ("fewshot", "run a few-shot grid (k per class x repeats) and report mean and CI"),
     "mm-gain": ("mm_gain", "multimodal gain table: best multimodal minus best unimodal"),
+    "learning-curve": (
+        "learning_curve",
+        "probe every pretraining checkpoint against random-init bands and raw baselines",
+    ),
+    "routing": ("routing", "MoE routing statistics and expert maps in MNI152 space"),
+    "embedding-geometry": ("embedding_geometry", "t-SNE of frozen features by age group, with silhouette scores"),
+    "fairness": ("fairness", "metrics and fairness gaps across subgroups of a test run"),
+    "sweep": ("sweep", "hyperparameter sweep with Optuna: choose on validation, then test"),
 }
 
 LIGHTNING_TIP = "💡 Tip:"
@@ -58,8 +76,11 @@ VERSION_DIR = re.compile(r"version_(\d+)")
 
 def _usage() -> str:
     lines = [
-        "usage: neurojepa {fit,validate,test,predict} --config EXPERIMENT.yaml [...]",
-        "       neurojepa TOOL [--help]",
+        "usage: neurojepa [--debug] {fit,validate,test,predict} --config EXPERIMENT.yaml [...]",
+        "       neurojepa [--debug] TOOL [--help]",
+        "",
+        "Mistakes in the input (paths, columns, labels, geometry, checkpoints) are reported as `neurojepa: error:`",
+        "and `fix:` lines with exit status 2; --debug shows the Python traceback instead.",
         "",
         "Lightning subcommands (see `neurojepa fit --help`):",
         "  fit, validate, test, predict",
@@ -150,29 +171,76 @@ def _link_geometry(config: Any) -> None:
             model_args[target] = data_args[source]
 
 
+def _checkable_data_module(config: dict[str, Any]) -> Any | None:
+    """A throw-away instance of the configured data module, for :func:`neurojepa_pl.preflight.check_parsed_config`.
+
+    Only for our :class:`~neurojepa_pl.data_modules.base.MRIDataModule` family, whose constructors check their
+    arguments and read no file (other classes may do work in ``__init__``): ``None`` for any other class.
+    """
+    from neurojepa_pl.data_modules.base import MRIDataModule
+
+    node = config.get("data")
+    class_path = node.get("class_path") if isinstance(node, dict) else None
+    if not isinstance(class_path, str) or "." not in class_path:
+        return None
+    module_name, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), name, None)  # jsonargparse imported it already
+    if not (isinstance(cls, type) and issubclass(cls, MRIDataModule)):
+        return None
+    return cls(**(node.get("init_args") or {}), **(node.get("dict_kwargs") or {}))
+
+
 @functools.cache
 def _cli_class() -> type:
+    from lightning.fabric.plugins import CheckpointIO
     from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.utilities import rank_zero_only
 
     from neurojepa_pl.callbacks.embedding_writer import EmbeddingWriter
+    from neurojepa_pl.callbacks.preemption import PreemptionCheckpoint, find_resume_checkpoint
     from neurojepa_pl.callbacks.progress import LineProgress, wants_line_progress
+    from neurojepa_pl.checkpoint_io import AtomicCheckpointIO
+    from neurojepa_pl.preflight import check_checkpoints, check_parsed_config
 
     class NeuroJEPACLI(LightningCLI):
         """LightningCLI with the additions listed in :mod:`neurojepa_pl.cli`."""
+
+        def _parse_ckpt_path(self) -> None:
+            # Lightning reads the checkpoint's hyper-parameters here, before any hook of ours runs: check the file
+            # first, and call a checkpoint that cannot be read what it is (not a traceback out of torch.load).
+            subcommand = self.config.get("subcommand")
+            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if ckpt_path is not None:
+                check_checkpoints(subcommand, {"ckpt_path": ckpt_path})
+            try:
+                super()._parse_ckpt_path()
+            except Exception as err:
+                # A complete torch.save file is a zip archive; one that is not, and fails to load, is broken.
+                if ckpt_path is None or not Path(ckpt_path).is_file() or zipfile.is_zipfile(ckpt_path):
+                    raise
+                raise UserValueError(
+                    f"--ckpt_path {ckpt_path} cannot be read ({type(err).__name__}: {err}); it is not a complete "
+                    "checkpoint (a truncated copy, or a save that was interrupted).",
+                    "pass another checkpoint (e.g. the run's last.ckpt or an earlier step), or copy this one again.",
+                ) from err
 
         def before_instantiate_classes(self) -> None:
             subcommand = self.subcommand
             if subcommand is None:
                 return
             _link_geometry(self.config[subcommand])
+            if subcommand == "fit":
+                self._resolve_last_for_fit(self.config["fit"])
             if subcommand in EVAL_SUBCOMMANDS:
                 config = self.config[subcommand]
                 self._refuse_unresolvable_ckpt_path(subcommand, config)
                 self._log_beside_checkpoint(config)
                 # The fit's config.yaml stays the record of the fit; each later subcommand saves its own.
                 self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config_{subcommand}.yaml"}
+            # Before any class is built: the user's mistakes fail here in seconds, not after the model build.
+            config = self.config[subcommand].as_dict()
+            check_parsed_config(subcommand, config, _checkable_data_module(config))
 
         def _refuse_unresolvable_ckpt_path(self, subcommand: str, config: Any) -> None:
             ckpt_path = config.get("ckpt_path")
@@ -187,10 +255,30 @@ def _cli_class() -> type:
                 found = sorted(runs.glob(f"version_*/checkpoints/{pattern}"), key=lambda p: p.stat().st_mtime)
                 if found:
                     hint += f", e.g. the newest one: --ckpt_path {found[-1]}"
-            sys.exit(
-                f"{PROG} {subcommand}: error: --ckpt_path {ckpt_path} names the {ckpt_path} checkpoint of a fit run in "
-                f"the same process only (Lightning keeps it in that fit's ModelCheckpoint). Pass {hint}."
+            raise UserValueError(
+                f"--ckpt_path {ckpt_path} names the {ckpt_path} checkpoint of a fit run in the same process only "
+                f"(Lightning keeps it in that fit's ModelCheckpoint); `{PROG} {subcommand}` is a new process.",
+                f"pass {hint}.",
             )
+
+        def _resolve_last_for_fit(self, config: Any) -> None:
+            """``fit --ckpt_path last`` in a new process: the newest last*.ckpt / preempted.ckpt / hpc_ckpt_*.ckpt of
+            the logger's ``<save_dir>/<name>/version_*/`` (Lightning would look only in this run's new, empty version
+            folder and start from step 0), and log into that checkpoint's run folder; none yet: start afresh."""
+            if config.get("ckpt_path") != "last":
+                return
+            logger = config.trainer.get("logger")
+            init_args = logger.get("init_args") if hasattr(logger, "get") else None
+            if init_args is None or init_args.get("save_dir") is None:
+                return  # no run folder to search: Lightning's own lookup
+            runs = Path(str(init_args.save_dir)) / str(init_args.get("name") or "")
+            found = find_resume_checkpoint(runs)
+            where = f"resuming from {found}" if found else f"no checkpoint in {runs}/version_*/ yet; starting afresh"
+            if rank_zero_only.rank == 0:
+                print(f"[{PROG}] --ckpt_path last: {where}")
+            config.ckpt_path = None if found is None else str(found)
+            if found is not None:
+                self._log_beside_checkpoint(config)
 
         def _log_beside_checkpoint(self, config: Any) -> None:
             ckpt_path = config.get("ckpt_path")
@@ -220,15 +308,23 @@ def _cli_class() -> type:
                 and not any(isinstance(cb, BasePredictionWriter) for cb in callbacks)
             ):
                 callbacks.append(EmbeddingWriter())
+            if self.subcommand in ("fit", None) and not any(isinstance(cb, PreemptionCheckpoint) for cb in callbacks):
+                callbacks.append(PreemptionCheckpoint())  # SIGTERM: save, print the resume command, exit 0
             trainer_config["callbacks"] = callbacks
+            plugins = trainer_config.get("plugins")
+            plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+            if not any(isinstance(p, CheckpointIO) for p in plugins):
+                plugins.append(AtomicCheckpointIO())  # a killed save never leaves a half checkpoint
+            trainer_config["plugins"] = plugins
             return super().instantiate_trainer(**kwargs)
 
         # ---------------------------------------------------------------- what each subcommand left behind
         def after_fit(self) -> None:
             trainer = self.trainer
+            log_dir = trainer.log_dir  # a broadcast from rank 0 under DDP: every rank must ask, not rank 0 alone
             if not trainer.is_global_zero or trainer.interrupted:
                 return
-            lines = [f"\n[{PROG}] fit done; run folder: {trainer.log_dir}"]
+            lines = [f"\n[{PROG}] fit done; run folder: {log_dir}"]
             best = last = ""
             for callback in trainer.checkpoint_callbacks:
                 if not isinstance(callback, ModelCheckpoint):
@@ -258,10 +354,17 @@ def _cli_class() -> type:
             self._print_report_folder("validate")
 
         def _print_report_folder(self, subcommand: str) -> None:
+            log_dir = self.trainer.log_dir  # a broadcast under DDP: on every rank (see after_fit)
             if not self.trainer.is_global_zero:
                 return
             resolve = getattr(self.model, "resolve_output_dir", None)
-            where = resolve() if callable(resolve) and subcommand == "test" else self.trainer.log_dir
+            where = resolve() if callable(resolve) and subcommand == "test" else log_dir
+            metrics = Path(where) / "metrics.json" if where is not None else None
+            if subcommand == "test" and metrics is not None and metrics.is_file():
+                # The table marks metrics whose test set is too small to trust (metrics/reliability.py) with "!".
+                from neurojepa_pl.metrics.report import format_metrics_table, read_metrics_json
+
+                print(format_metrics_table(read_metrics_json(metrics)))
             print(f"[{PROG}] {subcommand} done; reports and logs in {where}")
 
         def after_predict(self) -> None:
@@ -302,14 +405,44 @@ def lightning_main(args: Sequence[str] | None = None, run: bool = True):
         )
 
 
+def _take_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
+    """Remove ``--debug`` (first word, or anywhere on a Lightning subcommand's line); returns (words, found)."""
+    debug = bool(argv) and argv[0] == DEBUG_FLAG
+    if debug:
+        argv = argv[1:]
+    if argv and argv[0] in LIGHTNING_SUBCOMMANDS and DEBUG_FLAG in argv:
+        argv, debug = [w for w in argv if w != DEBUG_FLAG], True
+    return argv, debug
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Dispatch to LightningCLI or to a tool."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Dispatch to LightningCLI or to a tool.
+
+    Returns:
+        The exit status: 0, a tool's own status, or 2 for a :class:`neurojepa_pl.errors.UserError` (printed as
+        ``neurojepa: error: ...`` and ``fix: ...`` on stderr; re-raised with its traceback under ``--debug``).
+    """
+    argv, debug = _take_debug_flag(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return _dispatch(argv)
+    except UserError as err:
+        if debug:
+            raise
+        print(format_user_error(err, PROG), file=sys.stderr)
+        return USER_ERROR_STATUS
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
     word = argv[0]
     if word in LIGHTNING_SUBCOMMANDS or word.startswith("-"):
+        if word in LIGHTNING_SUBCOMMANDS:
+            # Before Lightning is imported (seconds): what the command line says for certain about paths.
+            from neurojepa_pl.preflight import check_command_line
+
+            check_command_line(word, argv[1:])
         lightning_main(argv)
         return 0
     if word not in TOOLS:

@@ -1,13 +1,20 @@
-"""Problems found in a manifest, the error that carries them, and the validation report."""
+"""Problems found in a manifest or its scans, the errors that carry them, the validation report, the problem table."""
 
 from __future__ import annotations
 
+import io
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from neurojepa_pl.errors import UserValueError
+
 log = logging.getLogger(__name__)
+
+TABLE_TEXT_WIDTH = 56
+"""Width of the wrapped ``reason`` and ``fix`` columns of :func:`problem_table` (the path is never wrapped)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -44,12 +51,48 @@ class Problem:
         return f"{head}\n    {self.message}\n    fix: {self.fix}"
 
 
-class ManifestError(ValueError):
-    """Raised when a manifest has errors; ``str()`` is the full report."""
+class ManifestError(UserValueError):
+    """Raised when a manifest has errors; the message is the full report (every problem with its row and fix).
+
+    A :class:`neurojepa_pl.errors.UserError`: ``neurojepa`` prints it without a traceback and exits with status 2.
+    """
 
     def __init__(self, report: ValidationReport):
-        super().__init__(str(report))
+        source = report.source or "the manifest"
+        super().__init__(
+            str(report),
+            f"correct the rows above in {source} (`neurojepa validate-manifest {source}` checks it, reading every "
+            "file), then rerun.",
+        )
         self.report = report
+
+    def __reduce__(self):  # rebuilt from the report (the base class pickles message and fix)
+        return (type(self), (self.report,))
+
+
+def problem_table(problems: Sequence[Problem]) -> str:
+    """The problems as a plain-text (ASCII) table with the columns ``path``, ``reason`` and ``fix``.
+
+    ``reason`` is ``"<kind>: <message>"``; long reasons and fixes wrap inside their column, paths never wrap (so that
+    they can be copied). Rendered with rich, with no colour and no terminal codes, so the text is the same in a log file
+    as on a terminal.
+    """
+    # rich is imported here: it is only needed when there is something to report.
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=box.ASCII2, show_edge=False, pad_edge=False)
+    table.add_column("path", no_wrap=True)
+    table.add_column("reason", overflow="fold", ratio=1)
+    table.add_column("fix", overflow="fold", ratio=1)
+    for p in problems:
+        table.add_row(p.path or "-", f"{p.kind}: {p.message}", p.fix)
+    path_width = max((len(p.path or "-") for p in problems), default=4)
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=path_width + 2 * TABLE_TEXT_WIDTH + 6, color_system=None, highlight=False)
+    console.print(table)
+    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines())
 
 
 @dataclass

@@ -23,6 +23,8 @@ from typing import Literal
 
 import pandas as pd
 
+from neurojepa_pl.errors import UserFileNotFoundError, UserValueError
+
 log = logging.getLogger(__name__)
 
 
@@ -72,13 +74,14 @@ class LabelSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in ("binary", "categorical", "continuous", "time", "event"):
-            raise ValueError(
-                f"LabelSpec kind must be one of binary, categorical, continuous, time, event; found {self.kind!r}."
+            raise UserValueError(
+                f"LabelSpec kind must be one of binary, categorical, continuous, time, event; found {self.kind!r}.",
+                "use one of those kinds.",
             )
         if self.kind == "categorical" and (self.num_classes is None or self.num_classes < 2):
-            raise ValueError(
-                f"LabelSpec('categorical') needs num_classes >= 2; found {self.num_classes!r}. "
-                "Write it as 'categorical:N' (e.g. categorical:3)."
+            raise UserValueError(
+                f"LabelSpec('categorical') needs num_classes >= 2; found {self.num_classes!r}.",
+                "write it as 'categorical:N' (e.g. categorical:3).",
             )
 
     @classmethod
@@ -93,7 +96,7 @@ class LabelSpec:
         if allow_nan:
             parts = parts[:-1]
         if not parts:
-            raise ValueError(f"empty label spec {text!r}; expected e.g. 'binary' or 'categorical:3'.")
+            raise UserValueError(f"empty label spec {text!r}.", "write e.g. 'binary' or 'categorical:3'.")
         kind, args = parts[0], parts[1:]
         try:
             if kind == "categorical":
@@ -109,9 +112,11 @@ class LabelSpec:
                 raise ValueError(f"{kind} takes no arguments")
             return cls(kind, allow_nan=allow_nan)  # type: ignore[arg-type]
         except ValueError as err:
-            raise ValueError(
-                f"cannot parse label spec {text!r}: {err}. Expected binary | categorical:N | continuous[:MIN:MAX] | "
-                "time | event, optionally followed by ':nan' to allow empty cells."
+            reason = err.message if isinstance(err, UserValueError) else str(err)
+            raise UserValueError(
+                f"cannot parse label spec {text!r}: {reason}",
+                "write binary | categorical:N | continuous[:MIN:MAX] | time | event, optionally followed by ':nan' "
+                "to allow empty cells.",
             ) from err
 
     def describe(self) -> str:
@@ -132,9 +137,11 @@ DEFAULT_LABEL_SPECS: dict[str, LabelSpec] = {
     "tumour": LabelSpec("binary"),
     "haemorrhage": LabelSpec("binary"),
     "infarct": LabelSpec("binary"),
+    "acute_infarct": LabelSpec("binary"),
     "any_lesion": LabelSpec("binary"),
     "wmh_volume_ml": LabelSpec("continuous", minimum=0.0, maximum=float("inf")),
     "tumour_volume_ml": LabelSpec("continuous", minimum=0.0, maximum=float("inf")),
+    "acute_infarct_volume_ml": LabelSpec("continuous", minimum=0.0, maximum=float("inf")),
     "survival_time": LabelSpec("time"),
     "survival_event": LabelSpec("event"),
     # Demographics are commonly missing in real cohorts, so empty cells are allowed there.
@@ -184,9 +191,10 @@ def load_manifest(path: str | Path) -> pd.DataFrame:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(
-            f"manifest {path} does not exist (or is not a file); pass the CSV written by `neurojepa synth` or your own "
-            "manifest with columns subject_id, session_id, modality, path."
+        raise UserFileNotFoundError(
+            f"manifest {path} does not exist" + (" (it is a directory)" if path.is_dir() else ""),
+            "pass the CSV written by `neurojepa synth` or your own manifest with the columns subject_id, session_id, "
+            "modality, path (e.g. --data.init_args.manifest PATH).",
         )
     header = pd.read_csv(path, nrows=0).columns
     dtypes = {c: str for c in _STRING_COLUMNS if c in header}

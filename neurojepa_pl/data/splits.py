@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from neurojepa_pl.data.schema import SPLITS, is_blank
+from neurojepa_pl.errors import UserValueError
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,9 @@ def assign_patient_splits(
         strata = first_rows[stratify].astype(str).to_numpy()
     n_nonzero = sum(f > 0 for f in fractions)
     if len(subjects) < n_nonzero:
-        raise ValueError(
-            f"cannot split {len(subjects)} subject(s) into {n_nonzero} non-empty splits; add subjects or set a "
-            "fraction to 0."
+        raise UserValueError(
+            f"cannot split {len(subjects)} subject(s) into {n_nonzero} non-empty splits.",
+            "add subjects, set a fraction to 0 (split_fractions), or give the manifest a split column.",
         )
     train_f, val_f, test_f = fractions
     assignment: dict[str, str] = {}
@@ -78,9 +79,9 @@ def assign_patient_splits(
             rest = train
         assignment.update(dict.fromkeys(rest, "train"))
     except ValueError as err:
-        raise ValueError(
-            f"stratified split by {stratify!r} failed ({err}); a stratum has too few subjects. Use stratify=None or "
-            "merge rare classes."
+        raise UserValueError(
+            f"stratified split by {stratify!r} failed ({err}); a stratum has too few subjects.",
+            "use stratify=None or merge rare classes.",
         ) from err
     out = df.copy()
     out["split"] = out["subject_id"].map(assignment)

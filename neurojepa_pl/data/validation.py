@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -99,6 +99,16 @@ def _check_columns(df: pd.DataFrame, form: str | None) -> list[Problem]:
         for col in required
         if col not in df.columns
     ]
+
+
+def check_columns(columns: Sequence[str]) -> list[Problem]:
+    """The ``missing_column`` problems of a manifest header (either form), without reading any row.
+
+    Args:
+        columns: the header's column names.
+    """
+    header = pd.DataFrame(columns=list(columns))
+    return _check_columns(header, detect_form(header))
 
 
 def _check_values(df: pd.DataFrame, form: str) -> list[Problem]:
@@ -344,44 +354,82 @@ def _check_labels(df: pd.DataFrame, specs: Mapping[str, LabelSpec], explicit: bo
     return problems
 
 
-def _read_problems(path: str, row: int, mode: str | bool) -> list[Problem]:
+FIX_REEXPORT = "re-export or re-copy the file (it is corrupt or truncated), or remove the row."
+FIX_MISSING = "correct the path (relative paths are resolved against the manifest's folder) or remove the row."
+
+
+def _missing_file(path: str, row: int | None) -> Problem | None:
+    p = Path(path)
+    if p.is_file():
+        return None
+    where = " (it is a directory)" if p.is_dir() else ""
+    return Problem("missing_file", row, path, f"the file does not exist{where}", FIX_MISSING)
+
+
+def diagnose_scan(path: str, row: int | None = None, mode: bool | str = True) -> Problem | None:
+    """What is wrong with one scan file, as a :class:`Problem` (``None`` if nothing is found).
+
+    The one place that says why a file cannot be used: ``validate_manifest`` calls it for every file, and the data
+    modules call it for the scans their loading pass rejected, so a report names the same kind and fix either way.
+
+    Kinds: ``missing_file``; ``unreadable`` (empty file, not an image, corrupt header); ``truncated`` (the compressed
+    data ends early: a partial copy); ``bad_shape`` (not one 3D volume); ``non_finite`` (NaN/Inf voxels);
+    ``empty_brain`` (constant volume: no voxel differs from the others, e.g. all zeros).
+
+    Args:
+        path: the image file.
+        row: manifest row, for the report.
+        mode: ``True`` reads the whole image; ``"header"`` only the header (shape checks).
+    """
     # Imported here: nibabel is only needed when files are actually opened.
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
 
-    fix_reexport = "re-export or re-copy the file (it is corrupt or truncated), or remove the row."
+    missing = _missing_file(path, row)
+    if missing is not None:
+        return missing
     try:
         img = nib.load(path)
         shape = tuple(int(s) for s in img.shape)
         spatial = shape[:3] if len(shape) == 4 and shape[3] == 1 else shape
         if len(spatial) != 3:
-            return [
-                Problem(
-                    "bad_shape",
-                    row,
-                    path,
-                    f"expected one 3D volume, found image shape {shape}",
-                    "give one 3D volume per row (split 4D series or pick one volume, e.g. the b0 or trace of a DWI).",
-                )
-            ]
-        if mode == "header":
-            return []
-        data = np.asanyarray(img.dataobj)
-    except (OSError, EOFError, zlib.error, ImageFileError, ValueError) as err:
-        return [Problem("unreadable", row, path, f"cannot read the image: {type(err).__name__}: {err}", fix_reexport)]
-    bad = int(data.size - np.count_nonzero(np.isfinite(data))) if np.issubdtype(data.dtype, np.floating) else 0
-    if bad:
-        return [
-            Problem(
-                "non_finite",
+            return Problem(
+                "bad_shape",
                 row,
                 path,
-                f"{bad} of {data.size} voxels are NaN or Inf",
-                "fix the export; training skips this scan (counted against max_failed_fraction) unless "
-                "nan_policy='zero' is set explicitly.",
+                f"expected one 3D volume, found image shape {shape}",
+                "give one 3D volume per row (split 4D series or pick one volume, e.g. the b0 or trace of a DWI).",
             )
-        ]
-    return []
+        if mode == "header":
+            return None
+        data = np.asanyarray(img.dataobj)
+    except (EOFError, zlib.error) as err:
+        return Problem(
+            "truncated", row, path, f"the compressed data ends early ({type(err).__name__}: {err})", FIX_REEXPORT
+        )
+    except (OSError, ImageFileError, ValueError) as err:
+        return Problem("unreadable", row, path, f"cannot read the image: {type(err).__name__}: {err}", FIX_REEXPORT)
+    finite = np.isfinite(data) if np.issubdtype(data.dtype, np.floating) else np.ones(data.shape, dtype=bool)
+    bad = int(data.size - np.count_nonzero(finite))
+    if bad:
+        return Problem(
+            "non_finite",
+            row,
+            path,
+            f"{bad} of {data.size} voxels are NaN or Inf",
+            "fix the export; training skips this scan (counted against max_failed_fraction) unless "
+            "nan_policy='zero' is set explicitly.",
+        )
+    if data.size == 0 or float(data.max()) == float(data.min()):
+        value = f"{float(data.flat[0]):g}" if data.size else "none"
+        return Problem(
+            "empty_brain",
+            row,
+            path,
+            f"the volume is constant (every voxel = {value}): there is no brain in it",
+            "re-export the scan (the image data was lost or never written), or remove the row.",
+        )
+    return None
 
 
 def _check_files(df: pd.DataFrame, form: str, check_readable: bool | str) -> list[Problem]:
@@ -394,20 +442,12 @@ def _check_files(df: pd.DataFrame, form: str, check_readable: bool | str) -> lis
             if is_blank(value) or value in checked:
                 continue
             checked.add(value)
-            p = Path(value)
-            if not p.is_file():
-                problems.append(
-                    Problem(
-                        "missing_file",
-                        int(row),
-                        str(value),
-                        "the file does not exist" + (" (it is a directory)" if p.is_dir() else ""),
-                        "correct the path (relative paths are resolved against the manifest's folder) or remove the "
-                        "row.",
-                    )
-                )
-            elif check_readable:
-                problems.extend(_read_problems(str(value), int(row), check_readable))
+            if check_readable:
+                found = diagnose_scan(str(value), int(row), check_readable)
+            else:
+                found = _missing_file(str(value), int(row))
+            if found is not None:
+                problems.append(found)
     return problems
 
 
@@ -428,7 +468,8 @@ def validate_manifest(
         label_specs: column -> :class:`LabelSpec` (or its string form, e.g. ``"categorical:3"``). ``None`` applies
             :data:`DEFAULT_LABEL_SPECS` to whichever of those columns are present.
         check_files: report files that do not exist.
-        check_readable: ``True`` reads every file fully (corrupt/truncated gzip, NaN/Inf voxels, non-3D shape);
+        check_readable: ``True`` reads every file fully (corrupt/truncated gzip, NaN/Inf voxels, non-3D shape,
+            constant volumes: see :func:`diagnose_scan`);
             ``"header"`` reads headers only (fast: shape checks); ``False`` does not open files.
 
     Returns:

@@ -24,9 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="neurojepa validate-manifest",
         description=(
             "Validate a manifest CSV (one row per scan: subject_id, session_id, modality, path[, split, labels]; or "
-            "the paired form with t1w_path/t2w_path/flair_path). Reports missing columns, missing or unreadable "
-            "files, NaN/Inf volumes, non-3D images, duplicates, labels out of range and subjects in several splits, "
-            "each with its row, path and fix. Exit status 1 if there is any error, 0 otherwise (warnings allowed)."
+            "the paired form with t1w_path/t2w_path/flair_path). Reports missing columns, missing, unreadable or "
+            "truncated files, NaN/Inf volumes, non-3D images, constant (empty) volumes, duplicates, labels out of "
+            "range and subjects in several splits, each with its row, path and fix: the same checks `neurojepa fit` "
+            "runs. Exit status 1 if there is any error, 0 otherwise (warnings allowed)."
         ),
     )
     parser.add_argument("manifest", metavar="FILE", help="manifest CSV; relative paths resolve against its folder")
@@ -51,11 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     from neurojepa_pl.data import load_manifest, validate_manifest
+    from neurojepa_pl.errors import UserError, format_user_error
 
     try:
         df = load_manifest(args.manifest)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"neurojepa validate-manifest: {err}", file=sys.stderr)
+    except UserError as err:
+        print(format_user_error(err, "neurojepa validate-manifest"), file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as err:  # pandas: not a CSV, bad encoding, ...
+        print(f"neurojepa validate-manifest: error: {args.manifest} cannot be read as a CSV: {err}", file=sys.stderr)
         return 1
     check_readable = False if args.no_read else ("header" if args.header_only else True)
     report = validate_manifest(

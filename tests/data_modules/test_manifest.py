@@ -12,12 +12,16 @@ from volume_factory import blob_volume, make_cohort, truncate_file, write_manife
 from neurojepa_pl.data import (
     LabelSpec,
     ManifestError,
+    Problem,
     assign_patient_splits,
     check_leakage,
     load_manifest,
     pair_modalities,
     validate_manifest,
 )
+from neurojepa_pl.data.problems import problem_table
+from neurojepa_pl.data.validation import diagnose_scan
+from neurojepa_pl.errors import UserError
 from neurojepa_pl.tools.validate_manifest import main as validate_main
 
 
@@ -45,8 +49,44 @@ def test_load_manifest_resolves_relative_paths_and_keeps_string_ids(cohort, tmp_
 
 
 def test_load_manifest_missing_file_says_what_to_pass(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="does not exist") as info:
         load_manifest(tmp_path / "nope.csv")
+    assert isinstance(info.value, UserError)
+    assert info.value.message == f"manifest {tmp_path / 'nope.csv'} does not exist"
+    assert info.value.fix.startswith("pass the CSV written by `neurojepa synth`")
+
+
+def test_manifest_error_is_a_user_error_with_the_whole_report(cohort):
+    rows = _rows(cohort)
+    rows[0]["split"] = "valid"
+    rows[1]["tumour"] = "7"
+    write_manifest(cohort, rows)
+    with pytest.raises(ManifestError) as info:
+        validate_manifest(cohort, check_files=False).raise_if_errors()
+    err = info.value
+    assert isinstance(err, UserError) and isinstance(err, ValueError)
+    assert "bad_split" in err.message and "label_out_of_range" in err.message
+    assert err.fix == (
+        f"correct the rows above in {cohort.resolve()} (`neurojepa validate-manifest {cohort.resolve()}` checks it, "
+        "reading every file), then rerun."
+    )
+
+
+def test_problem_table_keeps_paths_whole_and_wraps_reason_and_fix():
+    long_path = "/data/" + "x" * 90 + ".nii.gz"
+    problems = [
+        Problem("truncated", 0, long_path, "the compressed data ends early " + "e" * 80, "re-copy the file."),
+        Problem("missing_file", 1, "/data/b.nii.gz", "the file does not exist", "correct the path."),
+    ]
+    lines = problem_table(problems).splitlines()
+    assert lines[0].split() == ["path", "|", "reason", "|", "fix"]
+    assert set(lines[1]) <= {"-", "+"}
+    assert lines[2].startswith(long_path + " | truncated: the compressed data ends early")
+    assert lines[2].endswith("| re-copy the file.")
+    assert any(
+        line.startswith("/data/b.nii.gz ") and "| missing_file: the file does not exist" in line for line in lines
+    )
+    assert len(lines) == 5  # header, rule, the wrapped reason on two lines, the second problem
 
 
 # ---------------------------------------------------------------------------------------------------- validation
@@ -95,13 +135,14 @@ def test_missing_file_row_and_path(cohort, tmp_path):
     assert "row 3 (line 5 of manifest.csv)" in text and "does not exist" in text and "fix:" in text
 
 
-def test_truncated_gzip_is_unreadable(cohort):
+def test_truncated_gzip_is_truncated(cohort):
     path = load_manifest(cohort)["path"][1]
     truncate_file(Path(path))
     report = validate_manifest(cohort, check_readable=True)
-    (problem,) = _only(report, "unreadable")
+    (problem,) = _only(report, "truncated")
     assert problem.row == 1 and problem.path == path
-    assert "EOFError" in problem.message or "truncated" in problem.message.lower()
+    assert problem.message.startswith("the compressed data ends early (EOFError: ")
+    assert problem.fix == "re-export or re-copy the file (it is corrupt or truncated), or remove the row."
     # a header-only read does not decompress the data and does not notice
     assert validate_manifest(cohort, check_readable="header").ok
     assert validate_manifest(cohort, check_readable=False).ok
@@ -116,6 +157,36 @@ def test_nan_volume_reported_with_voxel_count(cohort):
     (problem,) = _only(validate_manifest(cohort), "non_finite")
     assert problem.row == 2
     assert problem.message.startswith("2 of ")
+
+
+def test_constant_volume_is_an_empty_brain(cohort):
+    path = load_manifest(cohort)["path"][3]
+    write_nifti(Path(path), np.zeros((48, 54, 48), dtype=np.float32))
+    (problem,) = _only(validate_manifest(cohort), "empty_brain")
+    assert problem.row == 3
+    assert problem.message == "the volume is constant (every voxel = 0): there is no brain in it"
+    assert validate_manifest(cohort, check_readable="header").ok  # the header cannot tell
+
+
+def test_diagnose_scan_names_each_kind_of_broken_file(tmp_path):
+    good = write_nifti(tmp_path / "good.nii.gz", blob_volume())
+    empty = tmp_path / "empty.nii.gz"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.nii.gz"
+    text.write_text("subject_id,age\n1,40\n")
+    assert diagnose_scan(str(good)) is None
+    assert diagnose_scan(str(tmp_path / "nope.nii.gz"), row=4) == Problem(
+        "missing_file",
+        4,
+        str(tmp_path / "nope.nii.gz"),
+        "the file does not exist",
+        "correct the path (relative paths are resolved against the manifest's folder) or remove the row.",
+    )
+    assert diagnose_scan(str(tmp_path)).message == "the file does not exist (it is a directory)"
+    assert diagnose_scan(str(empty)).kind == "unreadable"
+    assert "Empty file" in diagnose_scan(str(empty)).message
+    assert diagnose_scan(str(text)).kind == "unreadable"
+    assert "is not a gzip file" in diagnose_scan(str(text)).message
 
 
 def test_4d_volume_is_bad_shape_even_header_only(cohort):
@@ -363,3 +434,18 @@ def test_cli_exit_codes_and_output(cohort, capsys):
     assert exc.value.code == 0
     with pytest.raises(SystemExit):
         validate_main([str(cohort), "--labels", "tumour:ordinal"])
+
+
+def test_cli_missing_manifest_and_every_broken_file_kind(cohort, tmp_path, capsys):
+    assert validate_main([str(tmp_path / "nope.csv")]) == 1
+    assert capsys.readouterr().err == (
+        f"neurojepa validate-manifest: error: manifest {tmp_path / 'nope.csv'} does not exist\n"
+        "fix: pass the CSV written by `neurojepa synth` or your own manifest with the columns subject_id, session_id, "
+        "modality, path (e.g. --data.init_args.manifest PATH).\n"
+    )
+    paths = load_manifest(cohort)["path"]
+    truncate_file(Path(paths[0]))
+    write_nifti(Path(paths[1]), np.zeros((48, 54, 48), dtype=np.float32))
+    assert validate_main([str(cohort)]) == 1
+    out = capsys.readouterr().out
+    assert "[error] truncated: row 0" in out and "[error] empty_brain: row 1" in out and "2 error(s)" in out
