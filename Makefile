@@ -12,6 +12,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
+# LitData (shard cache) is installed without dependencies: it declares torchvision, which would replace the torch above.
+LITDATA_SPEC ?= litdata==0.2.76
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 TORCH_INDEX_ARGS := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
@@ -29,6 +31,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	$(if $(TORCH_SPEC),$(PY) -m pip install $(TORCH_INDEX_ARGS) "$(TORCH_SPEC)",@echo "TORCH_SPEC is empty: keeping the torch already in $(VENV)")
 	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install --no-deps "$(LITDATA_SPEC)"
 	touch $@
 
 install: $(VENV)/.installed ## create .venv and install the project (torch: see the top of this Makefile)

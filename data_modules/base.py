@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -21,19 +22,26 @@ import pandas as pd
 import torch
 from lightning.pytorch import LightningDataModule
 from monai.transforms import Compose
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from neurojepa_pl.data import (
     MODALITIES,
     SPLITS,
     LabelSpec,
+    ManifestError,
+    Problem,
+    ValidationReport,
     assign_patient_splits,
     is_blank,
     load_manifest,
     validate_manifest,
 )
+from neurojepa_pl.data.problems import problem_table
 from neurojepa_pl.data.transforms import TransformSettings
-from neurojepa_pl.data_modules.datasets import FailureLog, MRIScanDataset
+from neurojepa_pl.data.validation import diagnose_scan
+from neurojepa_pl.data_modules.datasets import FailureLog, MRIScanDataset, ScanFailure, TooManyFailedScans
+from neurojepa_pl.errors import UserError, UserValueError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +55,43 @@ STAGE_SPLITS: dict[str | None, tuple[str, ...]] = {
 """Which splits each Lightning stage needs (``predict`` is resolved through ``predict_split``)."""
 
 METADATA_STRING_COLUMNS = ("subject_id", "session_id", "modality", "site", "sex")
+
+MAX_LISTED_SCANS = 50
+"""Rows of the bad-scan table in messages; every failed scan is in the quarantine CSV."""
+
+DEFERRED_KINDS = ("missing_file",)
+"""Manifest problems that concern one scan only: counted with the loading pass's failures (quarantined within
+``max_failed_fraction``) instead of stopping the run before the other scans were looked at."""
+
+
+class TooManyBadScans(UserError, TooManyFailedScans):
+    """More scans cannot be used than ``max_failed_fraction`` allows; the message is the table of all of them.
+
+    Attributes:
+        problems: one :class:`neurojepa_pl.data.Problem` per listed scan (path, kind, reason, fix).
+    """
+
+    def __init__(self, message: str, fix: str, problems: Sequence[Problem] = ()):
+        super().__init__(message, fix)
+        self.problems = list(problems)
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.fix, self.problems))
+
+
+def _num_listed_files(df: pd.DataFrame) -> int:
+    """Distinct non-empty paths of a manifest (either form)."""
+    columns = [c for c in df.columns if c == "path" or c.endswith("_path")]
+    values = pd.unique(df[columns].to_numpy().ravel()) if columns else []
+    return sum(not is_blank(v) for v in values)
+
+
+def _num_scans(dataset: Dataset) -> int:
+    """Scans a dataset will load: one per record, or one per modality of each paired session."""
+    scans = getattr(dataset, "scans", None)  # PairedScanDataset: one MRIScanDataset per modality
+    if isinstance(scans, Mapping):
+        return sum(len(d) for d in scans.values())
+    return len(dataset)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -73,10 +118,9 @@ class EpochSampler(DistributedSampler):
         num_replicas: world size.
         rank: this process's rank.
         drop_last: drop the tail that does not divide evenly across ranks (else pad by repeating).
-        on_set_epoch: called with the epoch from :meth:`set_epoch` (in the main process, before workers start); used
-            to keep the mask collator's step in line with the epoch.
-        on_iter: called with the epoch when an iteration starts (in the main process; with workers this is after
-            they were created, so it only reaches a ``num_workers=0`` collate function).
+
+    Mid-epoch resume needs no sampler state: ``torchdata``'s ``StatefulDataLoader`` skips the batches already
+    yielded by slicing this sampler's key list (no data is read), and :meth:`set_epoch` restores the epoch.
     """
 
     def __init__(
@@ -89,8 +133,6 @@ class EpochSampler(DistributedSampler):
         num_replicas: int = 1,
         rank: int = 0,
         drop_last: bool = False,
-        on_set_epoch: Callable[[int], None] | None = None,
-        on_iter: Callable[[int], None] | None = None,
     ):
         if num_items <= 0:
             raise ValueError(f"EpochSampler needs a non-empty dataset; found {num_items} items.")
@@ -110,13 +152,6 @@ class EpochSampler(DistributedSampler):
         super().__init__(
             range(self.num_draws), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
         )
-        self.on_set_epoch = on_set_epoch
-        self.on_iter = on_iter
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        if self.on_set_epoch is not None:
-            self.on_set_epoch(int(epoch))
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The global (all-rank) index stream of ``epoch``, ``[num_draws]`` int64."""
@@ -129,8 +164,6 @@ class EpochSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
         epoch = self.epoch
-        if self.on_iter is not None:
-            self.on_iter(epoch)
         order = self.epoch_order(epoch).tolist()
         # total_size is the stream cut (drop_last) or padded (wrapping around the order) to a multiple of the world
         # size; padded positions keep their own number, so their augmentation differs from the original's.
@@ -139,6 +172,47 @@ class EpochSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+def _loader_state_position(state: Mapping[str, object]) -> tuple[int, int] | None:
+    """``(num_workers, batches yielded)`` of a ``StatefulDataLoader`` state (``None``: not a layout torchdata 0.11
+    writes)."""
+    if isinstance(state.get("_num_yielded"), int):
+        return 0, int(state["_num_yielded"])
+    snapshot = state.get("_snapshot")
+    if isinstance(snapshot, Mapping) and isinstance(snapshot.get("_main_snapshot"), Mapping):
+        workers, step = snapshot["_main_snapshot"].get("_num_workers"), snapshot.get("_snapshot_step")
+        since = state.get("_steps_since_snapshot", 0)
+        if isinstance(workers, int) and isinstance(step, int) and isinstance(since, int):
+            return workers, step + since
+    return None
+
+
+class ResumableLoader(StatefulDataLoader):
+    """``torchdata``'s ``StatefulDataLoader`` (Lightning saves its ``state_dict`` in checkpoints), plus:
+
+    * a state saved after the epoch's last batch (a checkpoint at an epoch boundary) is not restored: Lightning counts
+      that epoch as done and goes on to the next one with this loader, whose iterator (created before Lightning's
+      ``set_epoch``) must start the next epoch from its first batch; restoring it would skip the whole next epoch.
+      If the epoch's iterator had not reached its end yet, the checkpoint's epoch is the finished one, so the
+      sampler moves on by one;
+    * a clear error when the state was written with another ``num_workers`` (torchdata only asserts).
+    """
+
+    def load_state_dict(self, state_dict: dict[str, object]) -> None:
+        position = _loader_state_position(state_dict)
+        if position is not None and position[1] >= len(self):
+            if not state_dict.get("_iterator_finished", False) and isinstance(self.sampler, EpochSampler):
+                self.sampler.set_epoch(self.sampler.epoch + 1)
+            return
+        saved = None if position is None else position[0]
+        if saved is not None and saved != self.num_workers:
+            raise UserValueError(
+                f"the checkpoint's training-loader position was saved with num_workers={saved}, this run has "
+                f"num_workers={self.num_workers}; torchdata cannot restore it across worker counts.",
+                f"resume with --data.init_args.num_workers {saved} (the batches and masks do not depend on it).",
+            )
+        super().load_state_dict(state_dict)
 
 
 def _metadata(row: Mapping[str, object], columns: Sequence[str]) -> dict[str, object]:
@@ -206,13 +280,21 @@ class MRIDataModule(LightningDataModule):
         if modalities is not None:
             unknown = [m for m in modalities if m not in MODALITIES]
             if unknown:
-                raise ValueError(f"modalities {unknown} are not in {list(MODALITIES)}.")
+                raise UserValueError(
+                    f"modalities {unknown} are not in {list(MODALITIES)}.",
+                    "use the exact BIDS suffixes (case matters).",
+                )
         if not 0.0 <= max_failed_fraction <= 1.0:
-            raise ValueError(f"max_failed_fraction must be in [0, 1]; found {max_failed_fraction}.")
+            raise UserValueError(
+                f"max_failed_fraction must be in [0, 1]; found {max_failed_fraction}.",
+                "give the tolerated share of unusable scans, e.g. 0.01.",
+            )
         if predict_split not in (*SPLITS, "all"):
-            raise ValueError(f"predict_split must be one of {[*SPLITS, 'all']}; found {predict_split!r}.")
+            raise UserValueError(
+                f"predict_split must be one of {[*SPLITS, 'all']}; found {predict_split!r}.", "use one of those."
+            )
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; found {batch_size}.")
+            raise UserValueError(f"batch_size must be >= 1; found {batch_size}.", "set data.init_args.batch_size >= 1.")
         self.settings = TransformSettings(
             pad_crop_size=pad_crop_size,
             target_spacing=target_spacing,
@@ -225,6 +307,7 @@ class MRIDataModule(LightningDataModule):
         self.frame: pd.DataFrame | None = None
         self.quarantine_file: Path | None = None
         self._attempted = 0
+        self._deferred: dict[str, Problem] = {}  # path -> manifest problem counted with the loading failures
 
     # ------------------------------------------------------------------ hooks for subclasses
     def label_specs(self) -> dict[str, LabelSpec | str] | None:
@@ -240,9 +323,9 @@ class MRIDataModule(LightningDataModule):
         if self.hparams.modalities is not None:
             df = df[df["modality"].isin(self.hparams.modalities)]
             if df.empty:
-                raise ValueError(
-                    f"no row of {self.hparams.manifest} has a modality in {self.hparams.modalities}; check the "
-                    "manifest's modality column or the modalities argument."
+                raise UserValueError(
+                    f"no row of {self.hparams.manifest} has a modality in {self.hparams.modalities}.",
+                    "check the manifest's modality column or the modalities argument.",
                 )
         return df
 
@@ -263,18 +346,48 @@ class MRIDataModule(LightningDataModule):
         raise NotImplementedError("subclasses choose the augmentation of each split")
 
     # ------------------------------------------------------------------ manifest
+    def check_manifest(self, df: pd.DataFrame | None = None) -> ValidationReport:
+        """Validate the manifest without opening any image; raise on problems that stop a run.
+
+        ``neurojepa`` calls this before any model is built, so that a wrong column, label or split fails in seconds;
+        :meth:`load_frame` calls it again (the same checks) in ``setup``. Files are only checked for existence: a
+        missing file, like an unreadable or non-finite one, concerns one scan, so it is counted with the loading
+        pass's failures and the run stops (or goes on, within ``max_failed_fraction``) with one table of every bad
+        scan (:meth:`setup`). Only when *no* listed file exists (a wrong root folder, typically) does it stop here.
+
+        Args:
+            df: the loaded manifest (default: read ``manifest``).
+
+        Returns:
+            The report (warnings included; the deferred missing files are kept for :meth:`setup`).
+
+        Raises:
+            ManifestError: any error other than missing files, or every file missing (the full report).
+        """
+        df = load_manifest(self.hparams.manifest) if df is None else df
+        report = validate_manifest(df, label_specs=self.label_specs(), check_files=True, check_readable=False)
+        deferred = {p.path: p for p in report.errors if p.kind in DEFERRED_KINDS and p.path}
+        blocking = [p for p in report.errors if p.kind not in DEFERRED_KINDS]
+        if blocking or (deferred and len(deferred) >= _num_listed_files(df)):
+            raise ManifestError(report)
+        self._deferred = deferred
+        return report
+
     def load_frame(self) -> pd.DataFrame:
         """Load, validate, filter and split the manifest (once); returns the frame with a ``split`` column."""
         if self.frame is not None:
             return self.frame
         df = load_manifest(self.hparams.manifest)
         if self.hparams.validate:
-            # Files are only checked for existence here: unreadable or non-finite scans are skipped (and counted)
-            # by the loading pass instead of stopping the run.
-            report = validate_manifest(df, label_specs=self.label_specs(), check_files=True, check_readable=False)
+            report = self.check_manifest(df)
             for warning in report.warnings:
                 log.warning("%s", warning.format())
-            report.raise_if_errors()
+            if self._deferred:
+                log.warning(
+                    "%d file(s) listed in %s do not exist; they are counted with the scans the loading pass rejects",
+                    len(self._deferred),
+                    self.hparams.manifest,
+                )
         df = self.prepare_frame(df)
         if "split" not in df.columns or df["split"].map(is_blank).all():
             log.warning(
@@ -295,8 +408,9 @@ class MRIDataModule(LightningDataModule):
             except ValueError as err:
                 if self.stratify_column() is None:
                     raise
-                raise ValueError(
-                    f"{err} For this data module: set stratify_split=False, or give the manifest a split column."
+                reason = err.message if isinstance(err, UserError) else str(err)
+                raise UserValueError(
+                    reason, "set data.init_args.stratify_split: false, or give the manifest a split column."
                 ) from err
         self._columns = list(df.columns)
         self.frame = df
@@ -337,11 +451,13 @@ class MRIDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Validate the manifest, build the datasets of ``stage`` and run the loading pass once.
 
-        Scans that fail are reported (path and reason), written to the quarantine CSV and skipped; more than
-        ``max_failed_fraction`` of the scans attempted so far raises
-        :class:`neurojepa_pl.data_modules.datasets.TooManyFailedScans`.
+        Every scan that cannot be used (missing, unreadable, truncated, non-finite, not one 3D volume, no brain) is
+        collected first; then, all together: written to the quarantine CSV, and either skipped with one warning
+        table (within ``max_failed_fraction`` of the scans attempted so far) or reported in one table of path, reason
+        and fix by :class:`TooManyBadScans`.
         """
         built = []
+        known_failures = len(self.failure_log)  # from an earlier stage's setup: reported then
         for split in STAGE_SPLITS.get(stage, STAGE_SPLITS[None]):
             if split in self.datasets:
                 continue
@@ -349,22 +465,78 @@ class MRIDataModule(LightningDataModule):
             if dataset is None:
                 log.info("split %r of %s is empty", split, self.hparams.manifest)
                 continue
-            self._attempted += len(dataset)
+            self._attempted += _num_scans(dataset)
             workers = self.hparams.preload_workers
             dataset.preload(num_workers=self.hparams.num_workers if workers is None else workers)
-            if len(dataset) == 0:
-                # Every scan of this split failed; the fraction check below names them.
-                self.failure_log.raise_if_too_many(self._attempted, 0.0)
             self.datasets[split] = dataset
             built.append(split)
         if built and len(self.failure_log) and self._is_global_zero():
             self.quarantine_file = self._default_quarantine()
             if self.quarantine_file is not None:
                 self.failure_log.write_csv(self.quarantine_file)
-                log.warning("%d scan(s) skipped; list written to %s", len(self.failure_log), self.quarantine_file)
-        self.failure_log.raise_if_too_many(self._attempted, self.hparams.max_failed_fraction, self.quarantine_file)
+        empty = [split for split in built if len(self.datasets[split]) == 0]
+        limit = 0.0 if empty else self.hparams.max_failed_fraction
+        self._raise_if_too_many_bad_scans(limit, empty)
+        if len(self.failure_log) > known_failures:
+            log.warning(
+                "%d of %d scan(s) cannot be used and are skipped (max_failed_fraction=%g)%s:\n%s",
+                len(self.failure_log),
+                self._attempted,
+                self.hparams.max_failed_fraction,
+                f"; list written to {self.quarantine_file}" if self.quarantine_file else "",
+                problem_table(self.scan_problems()),
+            )
         for split in built:
             log.info("%s split: %d scans", split, len(self.datasets[split]))
+
+    def scan_problems(self, limit: int | None = MAX_LISTED_SCANS) -> list[Problem]:
+        """The scans skipped so far, one :class:`Problem` each (kind, reason and fix), in loading order.
+
+        The kind and fix come from :func:`neurojepa_pl.data.validation.diagnose_scan` (the checks of ``neurojepa
+        validate-manifest``), run again on the failed files only; a failure it cannot explain keeps the loading
+        chain's own reason.
+
+        Args:
+            limit: at most this many (the first ones); ``None`` for all.
+        """
+        failures = list(self.failure_log)[:limit] if limit is not None else list(self.failure_log)
+        return [self._diagnose(failure) for failure in failures]
+
+    def _diagnose(self, failure: ScanFailure) -> Problem:
+        found = self._deferred.get(failure.path) or diagnose_scan(failure.path)
+        if found is not None:
+            return found
+        return Problem(
+            "load_failed",
+            None,
+            failure.path,
+            failure.reason,
+            "check the file in a viewer and the loading settings (spatial_size, resize_to, target_spacing); remove "
+            "the row if the scan is unusable.",
+        )
+
+    def _raise_if_too_many_bad_scans(self, limit: float, empty_splits: Sequence[str] = ()) -> None:
+        failed, total = len(self.failure_log), self._attempted
+        if total <= 0 or failed / total <= limit:
+            return
+        problems = self.scan_problems()
+        more = failed - len(problems)
+        where = f" (all listed in {self.quarantine_file})" if self.quarantine_file else ""
+        listed = f"\n... and {more} more{where}" if more > 0 else ""
+        why = (
+            f"no scan of the {', '.join(map(repr, empty_splits))} split(s) can be used"
+            if empty_splits
+            else f"more than max_failed_fraction={self.hparams.max_failed_fraction:g}"
+        )
+        share = failed / total
+        enough = math.ceil(share * 1000) / 1000  # rounded up, so that the value suggested really lets them through
+        raise TooManyBadScans(
+            f"{failed} of {total} scans cannot be used ({share:.1%}), {why}:\n{problem_table(problems)}{listed}",
+            f"fix or remove these scans in {self.hparams.manifest} (`neurojepa validate-manifest "
+            f"{self.hparams.manifest}` reads every file)"
+            + ("." if empty_splits else f", or set data.init_args.max_failed_fraction: {enough:g} to skip them."),
+            problems,
+        )
 
     # ------------------------------------------------------------------ loaders
     def _world(self) -> tuple[int, int]:
@@ -387,9 +559,26 @@ class MRIDataModule(LightningDataModule):
         collate_fn: Callable | None = None,
         drop_last: bool = False,
         shuffle: bool = False,
+        stateful: bool = False,
     ) -> DataLoader:
-        return DataLoader(
-            dataset,
+        """A loader of this module's batch size and workers.
+
+        Args:
+            stateful: a :class:`ResumableLoader` (a ``torchdata`` ``StatefulDataLoader``, a ``DataLoader`` subclass
+                with ``state_dict`` / ``load_state_dict``), whose position Lightning keeps in checkpoints for exact
+                mid-epoch resume.
+        """
+        if not stateful:
+            return DataLoader(dataset, **self._loader_args(sampler, collate_fn, drop_last, shuffle))
+        with warnings.catch_warnings():
+            # torchdata 0.11 calls the deprecated torch.set_vital in its constructor; nothing for us to act on.
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+            return ResumableLoader(dataset, **self._loader_args(sampler, collate_fn, drop_last, shuffle))
+
+    def _loader_args(
+        self, sampler: EpochSampler | None, collate_fn: Callable | None, drop_last: bool, shuffle: bool
+    ) -> dict[str, object]:
+        return dict(
             batch_size=self.hparams.batch_size,
             sampler=sampler,
             shuffle=shuffle if sampler is None else None,

@@ -1,26 +1,23 @@
 """JEPA pretraining collation: stack the samples, build the token foreground map, draw masks (docs/method.md §5.3, 6.1).
 
-Seeding and "step"
-------------------
-Every batch's masks come from ``derive_seed(seed, rank=rank, step=step, stream=m)`` for generator ``m``, where
-``step`` is the **global batch index** of the batch (0, 1, 2, ... in the order the DataLoader yields batches):
+Seeding: masks are a pure function of the batch's sample keys
+------------------------------------------------------------
+Every sample carries its ``sample_key`` ``(epoch, position)`` from
+:class:`neurojepa_pl.data_modules.base.EpochSampler` (``position``: the place in the epoch's global stream, the same
+on every rank; rank ``r`` of ``W`` gets positions ``r, r + W, r + 2W, ...``). A batch of ``B`` consecutive samples of
+rank ``r`` therefore starts at position ``r + W * B * b`` for its batch index ``b`` within the epoch, and the collator
+reads off
 
-* A DataLoader with ``W`` workers hands batches out round-robin, so worker ``w`` collates batches ``w, w + W,
-  w + 2W, ...``. Worker ``w``'s ``c``-th call (``c = 0, 1, ...``) therefore gets
-  ``step = base_step + c * W + w``; in the main process (``num_workers=0``) ``W = 1, w = 0``.
-* ``base_step`` is 0 until `set_step` moves it. DataLoader workers are copies of the collator taken when the
-  loader's iterator is created, so call ``set_step(global batch index of the next batch)`` in the main process
-  *before* each iteration starts (e.g. in ``on_train_epoch_start``, with ``trainer.fit_loop.total_batch_idx``),
-  and on resume. Without it, every new iterator starts again at ``base_step`` and repeats the first epoch's masks.
-* With ``persistent_workers=True`` the worker copies live across epochs and keep counting; ``set_step`` after the
-  first epoch cannot reach them. The steps stay unique (``(c, w)`` pairs never repeat), and they equal the global
-  batch index when the number of batches per epoch is a multiple of ``W``.
-* The worker id is deliberately *not* a seed key: the global batch index already tells the workers' batches
-  apart, and leaving it out makes the mask sequence the same for any ``num_workers``, so a resumed run reproduces
-  its masks even with a different worker count.
-* ``rank`` is `set_rank`'s value if given, else ``torch.distributed.get_rank()`` when a process group is
-  initialised, else 0. Different ranks draw different masks (the reference's masks were identical on all ranks,
-  docs/method.md §12.9).
+* ``rank = min(position) % W`` and ``batch_in_epoch = min(position) // (W * B)``,
+* ``mask_step = epoch * batches_per_epoch + batch_in_epoch``: the global batch index, kept in the batch for logging,
+
+and draws generator ``m``'s masks from ``derive_seed(seed, rank=rank, step=mask_step, stream=m)``. Nothing is counted
+or pushed in from outside: the masks are the same for any ``num_workers`` (each worker collates whole batches from
+their keys), with ``persistent_workers``, and for a loader that resumes mid-epoch (docs/method.md §5.3). Different
+ranks draw different masks (the reference's masks were identical on all ranks, docs/method.md §12.9).
+
+With ``fixed=True`` (validation / test) the epoch is ignored, so every pass over the same (unshuffled) loader draws the
+same masks and losses are comparable across epochs.
 """
 
 from __future__ import annotations
@@ -29,11 +26,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 from monai.data import MetaTensor, list_data_collate
 from torch import Tensor
-from torch.utils.data import get_worker_info
 
+from neurojepa_pl.data_modules.datasets import SAMPLE_KEY
 from neurojepa_pl.masks.foreground import ForegroundMethod, foreground_token_map
 from neurojepa_pl.seeding import make_generator
 
@@ -78,8 +74,12 @@ class JEPAMaskCollator:
 
     Args:
         generators: mask generators, each called once per batch (e.g. ``paper_mask_generators()``).
+        batch_size: the loader's batch size B (a short last batch keeps the index of its first sample's batch).
+        batches_per_epoch: batches per epoch and rank; ``mask_step = epoch * batches_per_epoch + batch_in_epoch``.
+        world_size: number of ranks W sharing the epoch's stream (positions ``r, r + W, ...`` on rank ``r``).
         patch_size: patch edge (int) or ``(pD, pH, pW)``; the volume's patch grid must equal every generator's grid.
         seed: base seed of the mask stream.
+        fixed: ignore the epoch (validation / test: the same masks at every pass).
         foreground_aware: pass the foreground map to the generators (foreground-first erosion/dilation). The map
             itself is always computed and returned, for the loss and for monitoring.
         bg_method: foreground definition, ``"reference"`` or ``"percentile"`` (see `foreground_token_map`).
@@ -88,20 +88,26 @@ class JEPAMaskCollator:
         image_key: the sample key holding the ``[C, D, H, W]`` image.
 
     Call:
-        ``collator(samples) -> dict`` with the collated sample fields plus
+        ``collator(samples) -> dict``; every sample needs ``image`` and ``sample_key`` (int ``[2]``: epoch,
+        position). Returns the collated sample fields (``sample_key`` as int64 ``[B, 2]``) plus
 
         * ``image``: float ``[B, C, D, H, W]`` (a plain tensor; MONAI metadata is dropped),
         * ``context_idx``: list of M int64 ``[B, K_ctx_m]``,
         * ``target_idx``: list of M int64 ``[B, K_tgt_m]``,
         * ``foreground``: bool ``[B, N]`` token foreground map of the (augmented) batch,
-        * ``mask_step``: int, the step the masks were drawn for.
+        * ``mask_step``: int, the global batch index the masks were drawn for.
     """
 
     def __init__(
         self,
         generators: Sequence[MaskGenerator],
+        *,
+        batch_size: int,
+        batches_per_epoch: int,
+        world_size: int = 1,
         patch_size: int | Sequence[int] = 12,
         seed: int = 0,
+        fixed: bool = False,
         foreground_aware: bool = True,
         bg_method: ForegroundMethod = "reference",
         min_foreground_fraction: float = 0.1,
@@ -116,9 +122,16 @@ class JEPAMaskCollator:
             raise ValueError(f"All mask generators must share one token grid; found {sorted(grids)}.")
         self.grid: tuple[int, int, int] = grids.pop()
         self.patch_size = _as_patch(patch_size)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"Expected an int seed; found {seed!r}.")
+        for name, value in (("seed", seed), ("batch_size", batch_size), ("batches_per_epoch", batches_per_epoch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
+                raise TypeError(f"Expected an int {name} (>= {0 if name == 'seed' else 1}); found {value!r}.")
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"Expected world_size >= 1; found {world_size!r}.")
         self.seed = seed
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.world_size = world_size
+        self.fixed = bool(fixed)
         self.foreground_aware = bool(foreground_aware)
         if bg_method not in ("reference", "percentile"):
             raise ValueError(f"Expected bg_method 'reference' or 'percentile'; found {bg_method!r}.")
@@ -126,50 +139,34 @@ class JEPAMaskCollator:
         self.min_foreground_fraction = float(min_foreground_fraction)
         self.foreground_threshold = float(foreground_threshold)
         self.image_key = image_key
-        self._rank: int | None = None
-        self._base_step = 0
-        self._calls = 0  # batches collated by this copy since the last set_step
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(generators={self.generators}, patch_size={self.patch_size}, seed={self.seed}, "
+            f"batch_size={self.batch_size}, world_size={self.world_size}, fixed={self.fixed}, "
             f"foreground_aware={self.foreground_aware}, bg_method={self.bg_method!r})"
         )
 
-    # ------------------------------------------------------------ seeding state
-    def set_rank(self, rank: int) -> None:
-        """Fix the rank used in the seed (overrides the torch.distributed lookup)."""
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-            raise ValueError(f"Expected a rank >= 0; found {rank!r}.")
-        self._rank = rank
+    # ------------------------------------------------------------ seeding
+    def batch_coordinates(self, keys: Tensor) -> tuple[int, int]:
+        """``(rank, mask_step)`` of a batch from its samples' ``(epoch, position)`` keys ``[B, 2]``.
 
-    def set_step(self, step: int) -> None:
-        """Make the next batch this collator (or a worker copied from it afterwards) yields be global batch ``step``."""
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"Expected a global batch index >= 0; found {step!r}.")
-        self._base_step = step
-        self._calls = 0
+        Raises:
+            ValueError: if the keys do not come from one epoch and one rank's stream.
+        """
+        keys = torch.as_tensor(keys, dtype=torch.int64).reshape(-1, 2)
+        epochs, positions = keys[:, 0], keys[:, 1]
+        ranks = positions % self.world_size
+        if bool((epochs != epochs[0]).any()) or bool((ranks != ranks[0]).any()):
+            raise ValueError(
+                f"A batch must hold samples of one epoch and one rank's stream; found keys {keys.tolist()} with "
+                f"world_size={self.world_size}. Use EpochSampler (not a custom sampler) for the pretraining loader."
+            )
+        first = int(positions.min())
+        epoch = 0 if self.fixed else int(epochs[0])
+        batch_in_epoch = first // (self.world_size * self.batch_size)
+        return int(ranks[0]), epoch * self.batches_per_epoch + batch_in_epoch
 
-    def set_epoch(self, epoch: int, batches_per_epoch: int) -> None:
-        """``set_step(epoch * batches_per_epoch)``: for loops that restart the loader every epoch."""
-        self.set_step(epoch * batches_per_epoch)
-
-    @property
-    def rank(self) -> int:
-        """The rank keyed into the seed: explicit, else the initialised process group's, else 0."""
-        if self._rank is not None:
-            return self._rank
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank()
-        return 0
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Spawned workers do not inherit the process group: freeze the pickling process's rank into the copy.
-        state = self.__dict__.copy()
-        state["_rank"] = self.rank
-        return state
-
-    # ------------------------------------------------------------ drawing
     def draw_masks(
         self, batch_size: int, foreground: Tensor | None, *, step: int, rank: int
     ) -> tuple[list[Tensor], list[Tensor]]:
@@ -192,22 +189,16 @@ class JEPAMaskCollator:
             targets.append(target)
         return contexts, targets
 
-    def _next_step(self) -> int:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        step = self._base_step + self._calls * num_workers + worker
-        self._calls += 1
-        return step
-
     def _collate(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if len(samples) == 0:
             raise ValueError("JEPAMaskCollator got an empty batch; check the sampler / drop_last settings.")
         for i, sample in enumerate(samples):
-            if not isinstance(sample, Mapping) or self.image_key not in sample:
+            if not isinstance(sample, Mapping) or self.image_key not in sample or SAMPLE_KEY not in sample:
                 found = sorted(sample) if isinstance(sample, Mapping) else type(sample).__name__
                 raise ValueError(
-                    f"Sample {i} of the batch must be a dict with key {self.image_key!r}; found {found}. The dataset "
-                    f"should return MONAI-style dicts such as {{'image': tensor [1, D, H, W], ...}}."
+                    f"Sample {i} of the batch must be a dict with keys {self.image_key!r} and {SAMPLE_KEY!r}; found "
+                    f"{found}. The dataset should return MONAI-style dicts such as {{'image': tensor [1, D, H, W], "
+                    f"'sample_key': tensor([epoch, position])}} (MRIScanDataset with emit_sample_key=True)."
                 )
             clash = [k for k in OUTPUT_KEYS if k in sample]
             if clash:
@@ -226,6 +217,8 @@ class JEPAMaskCollator:
                 f"{[g * p for g, p in zip(self.grid, self.patch_size)]} or build the generators for this grid."
             )
         batch[self.image_key] = image
+        key = batch[SAMPLE_KEY]
+        batch[SAMPLE_KEY] = (key.as_tensor() if isinstance(key, MetaTensor) else torch.as_tensor(key)).long()
         return batch
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -238,9 +231,9 @@ class JEPAMaskCollator:
             method=self.bg_method,
             fallback_threshold=self.foreground_threshold,
         )
-        step = self._next_step()
+        rank, step = self.batch_coordinates(batch[SAMPLE_KEY])
         contexts, targets = self.draw_masks(
-            image.shape[0], foreground if self.foreground_aware else None, step=step, rank=self.rank
+            image.shape[0], foreground if self.foreground_aware else None, step=step, rank=rank
         )
         batch.update(context_idx=contexts, target_idx=targets, foreground=foreground, mask_step=step)
         return batch

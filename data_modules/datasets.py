@@ -4,6 +4,12 @@ Failure handling: :meth:`MRIScanDataset.preload` runs the deterministic chain ov
 the persistent cache), records each scan that fails (unreadable/truncated file, NaN/Inf voxels, non-3D shape, blank
 volume) with its path and reason in a :class:`FailureLog`, and drops it. The dataset never returns a zero image: a
 failure after preloading raises with the path and reason.
+
+Cache entries (:class:`CheckedPersistentDataset`): each ``.pt`` file is written whole or not at all (write-then-rename
+in the cache folder), so a kill during a write or two processes filling one cache folder never leave a partial entry;
+an entry that does not load (truncated, emptied, overwritten: torch's zip format keeps its directory at the end of the
+file) is reported with a warning naming it and its scan, deleted and rebuilt from the scan. A bit flip inside the
+stored voxels is not detected (no per-entry hash: hashing every read would cost more than the read).
 """
 
 from __future__ import annotations
@@ -13,14 +19,19 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from monai.data import PersistentDataset
+from monai.data.utils import SUPPORTED_PICKLE_MOD
 from monai.transforms import Compose
+from monai.utils import convert_to_tensor, look_up_option
 from torch.utils.data import DataLoader, Dataset
 
+from neurojepa_pl.atomic_io import atomic_write, remove_stale_partials
 from neurojepa_pl.data.transforms import (
     IMAGE_KEY,
     ScanRejected,
@@ -31,6 +42,9 @@ from neurojepa_pl.data.transforms import (
 )
 
 log = logging.getLogger(__name__)
+
+SAMPLE_KEY = "sample_key"
+"""Sample field holding ``(epoch, position)`` (see :attr:`MRIScanDataset.emit_sample_key`)."""
 
 SampleKey = int | tuple[int, int, int]
 """A dataset key: a plain index, or ``(epoch, position, index)`` from
@@ -118,12 +132,69 @@ def failure_reason(exc: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Persistent cache entries that are written whole and checked on read
+# ----------------------------------------------------------------------------------------------------------------------
+class CheckedPersistentDataset(PersistentDataset):
+    """MONAI's ``PersistentDataset`` whose entries are written atomically and rebuilt when they do not load.
+
+    What MONAI 1.6's ``PersistentDataset._cachecheck`` leaves open, and this override closes (same file names, same
+    ``torch.save`` arguments, so existing caches stay valid):
+
+    * on read it recomputes only ``UnpicklingError`` and "Invalid magic number" failures; a truncated entry
+      (``RuntimeError: PytorchStreamReader failed reading zip archive``) or an empty one (``EOFError``) is re-raised,
+      so the scan behind it would be quarantined as if the scan were broken. Here every load failure of an entry is
+      reported (a warning with the entry and the scan), the entry deleted and rebuilt from the scan;
+    * on write it saves into a ``tempfile.TemporaryDirectory()`` (``$TMPDIR``) and ``shutil.move``-s the file, which
+      is a copy into the final path when ``$TMPDIR`` is another filesystem than the cache, so a kill mid-copy leaves a
+      partial entry. Here the temporary file is in the cache folder itself and renamed (:func:`atomic_write`); two
+      processes writing one entry each rename a complete file.
+
+    No fsync: an entry lost or cut short by a node crash is detected and rebuilt on the next read.
+    """
+
+    def entry_path(self, item: Any) -> Path | None:
+        """The cache file of a data item (MONAI's naming: hash of the item + hash of the transforms)."""
+        if self.cache_dir is None:
+            return None
+        return self.cache_dir / f"{self.hash_func(item).decode('utf-8')}{self.transform_hash}.pt"
+
+    def _cachecheck(self, item_transformed: Any) -> Any:
+        hashfile = self.entry_path(item_transformed)
+        if hashfile is not None and hashfile.is_file():
+            try:
+                return torch.load(hashfile, weights_only=self.weights_only)
+            except PermissionError:
+                raise  # an unreadable cache folder is the user's to fix, not a corrupt entry
+            # A damaged entry fails in the zip reader (RuntimeError), the unpickler (UnpicklingError, EOFError,
+            # ValueError, ...) or torch's weights-only checks; all of them mean "rebuild it".
+            except Exception as exc:  # noqa: BLE001
+                scan = item_transformed.get(IMAGE_KEY) if isinstance(item_transformed, Mapping) else None
+                reason = failure_reason(exc).splitlines()[0][:200].rstrip(": ") or type(exc).__name__
+                log.warning("corrupt cache entry %s (scan %s): %s; deleting and rebuilding it", hashfile, scan, reason)
+                hashfile.unlink(missing_ok=True)
+        transformed = self._pre_transform(deepcopy(item_transformed))  # keep the original item: it is the hash key
+        if hashfile is None:
+            return transformed
+        try:
+            with atomic_write(hashfile, fsync=False, clean=False) as handle:
+                torch.save(
+                    obj=convert_to_tensor(transformed, convert_numeric=False, track_meta=self.track_meta),
+                    f=handle,
+                    pickle_module=look_up_option(self.pickle_module, SUPPORTED_PICKLE_MOD),
+                    pickle_protocol=self.pickle_protocol,
+                )
+        except PermissionError:  # a read-only cache folder: serve the computed item uncached, as MONAI does
+            pass
+        return transformed
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Dataset
 # ----------------------------------------------------------------------------------------------------------------------
 class _PreloadProbe(Dataset):
     """Runs the cached chain on one item; returns only ``(index, reason or None)`` (cheap to send between workers)."""
 
-    def __init__(self, persistent: PersistentDataset, expected_shape: tuple[int, ...]):
+    def __init__(self, persistent: CheckedPersistentDataset, expected_shape: tuple[int, ...]):
         self.persistent = persistent
         self.expected_shape = expected_shape
 
@@ -170,8 +241,13 @@ class MRIScanDataset(Dataset):
         failure_log: where failed scans are recorded by :meth:`preload` (a new one if ``None``).
         seed: base seed of the augmentation.
 
-    Samples are dicts ``{"image": Tensor[1, D, H, W] float32, **record}``.
+    Samples are dicts ``{"image": Tensor[1, D, H, W] float32, **record}``, plus ``"sample_key"`` (int64 ``[2]``:
+    ``(epoch, position)``) when :attr:`emit_sample_key` is set: the JEPA mask collator seeds each batch's masks from
+    its samples' keys (:mod:`neurojepa_pl.data_modules.collate`).
     """
+
+    emit_sample_key = False
+    """Add ``"sample_key"`` to every sample (set by :class:`neurojepa_pl.data_modules.pretrain.PretrainDataModule`)."""
 
     def __init__(
         self,
@@ -201,16 +277,17 @@ class MRIScanDataset(Dataset):
     def _write_cache_settings(self) -> None:
         self.cache_path.mkdir(parents=True, exist_ok=True)
         info = self.cache_path / "settings.json"
-        if not info.exists():
-            info.write_text(json.dumps(self.settings.cache_fields(), indent=2, default=list) + "\n")
+        if not info.exists():  # several processes may get here at once: each renames a complete file
+            with atomic_write(info, fsync=False, clean=False) as handle:
+                handle.write((json.dumps(self.settings.cache_fields(), indent=2, default=list) + "\n").encode())
 
-    def _make_persistent(self) -> PersistentDataset:
+    def _make_persistent(self) -> CheckedPersistentDataset:
         items = []
         for rec in self.records:
             size, mtime = _stat_key(str(rec["path"]))
             # Only the file identity goes into the hashed item: labels or metadata changing must not evict the cache.
             items.append({IMAGE_KEY: str(rec["path"]), "file_size": size, "file_mtime_ns": mtime})
-        return PersistentDataset(items, transform=loading_transforms(self.settings), cache_dir=self.cache_path)
+        return CheckedPersistentDataset(items, transform=loading_transforms(self.settings), cache_dir=self.cache_path)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -224,6 +301,8 @@ class MRIScanDataset(Dataset):
         Returns:
             The failures of this dataset (also added to ``failure_log``).
         """
+        if self.cache_path is not None:
+            remove_stale_partials(self.cache_path)  # writes of an earlier run that was killed (never read as entries)
         expected = (1, *self.settings.resize_to)
         probe = _PreloadProbe(self._persistent, expected)
         loader = DataLoader(probe, batch_size=None, num_workers=num_workers, collate_fn=_identity_collate)
@@ -269,4 +348,6 @@ class MRIScanDataset(Dataset):
             image = self.augment({IMAGE_KEY: image})[IMAGE_KEY]
         sample = dict(rec)
         sample[IMAGE_KEY] = torch.as_tensor(image)
+        if self.emit_sample_key:
+            sample[SAMPLE_KEY] = torch.tensor([epoch, position], dtype=torch.int64)
         return sample

@@ -68,12 +68,14 @@ class _Volumes(Dataset):
     def __len__(self) -> int:
         return len(self.volumes)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"image": self.volumes[i], "index": i}
+    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
+        epoch, position, i = key
+        return {"image": self.volumes[i], "index": i, "sample_key": torch.tensor([epoch, position])}
 
 
-class EpochPermutation(Sampler[int]):
-    """Shuffled order that is a pure function of (seed, epoch); Lightning calls ``set_epoch``."""
+class EpochPermutation(Sampler[tuple[int, int, int]]):
+    """Shuffled order that is a pure function of (seed, epoch), as ``(epoch, position, index)`` keys (the mask
+    collator seeds from them); Lightning calls ``set_epoch``."""
 
     def __init__(self, n: int, seed: int) -> None:
         self.n, self.seed, self.epoch = n, seed, 0
@@ -81,24 +83,29 @@ class EpochPermutation(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(
-            torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch)).tolist()
-        )
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+        return iter([(self.epoch, position, index) for position, index in enumerate(order.tolist())])
 
     def __len__(self) -> int:
         return self.n
 
 
 class TinyJEPAData(pl.LightningDataModule):
-    """Random blob volumes + the real mask collator (masks keyed by the global batch index), num_workers=0."""
+    """Random blob volumes + the real mask collator (masks keyed by the batches' sample keys), num_workers=0."""
 
     def __init__(self, n: int = 8, batch_size: int = 2, seed: int = 0) -> None:
         super().__init__()
         self.volumes = blob_volumes(n, seed)
         self.batch_size = batch_size
         self.seed = seed
-        self.collator = JEPAMaskCollator(paper_mask_generators((8, 9, 8)), patch_size=PATCH, seed=seed)
+        self.collator = JEPAMaskCollator(
+            paper_mask_generators((8, 9, 8)),
+            batch_size=batch_size,
+            batches_per_epoch=n // batch_size,
+            patch_size=PATCH,
+            seed=seed,
+        )
 
     def train_dataloader(self) -> DataLoader:
         sampler = EpochPermutation(len(self.volumes), self.seed)

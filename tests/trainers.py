@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,3 +20,11 @@ def tiny_trainer(**overrides: Any) -> pl.Trainer:
     )
     args.update(overrides)
     return pl.Trainer(**args)
+
+
+def free_port() -> int:
+    """A TCP port free right now on 127.0.0.1, for a test's own process group (never one inherited from another test:
+    Lightning's launcher exports MASTER_PORT into this process's environment, and subprocesses would reuse it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -2,10 +2,12 @@
 
 Per scan, in the reference's order: reorientation to RAS (``nibabel.as_closest_canonical``; the reference runs
 ``fslreorient2std``) -> N4 bias-field correction -> 12-DOF affine registration to the MNI152 template of the modality
-(T1w -> T1; T2w and FLAIR -> the T2-like template of :mod:`.templates`) -> skull stripping **after** registration (the
-reference moved SynthStrip there; here deepbet, whose weights ship in its wheel). FSL's ``robustfov`` has no offline
-Python equivalent and is skipped. N4 and registration use ANTsPy (optional extra ``preprocess``: antspyx needs
-numpy < 2.4, so it is not a core dependency); skull stripping uses deepbet when installed.
+(T1w -> T1; T2w and FLAIR -> the T2-like template of :mod:`.templates`) -> optional resampling to a voxel size
+(``target_spacing``: for scans already in MNI space at another resolution; the order-5 spline of docs/method.md §1.2 as
+matrix products, :mod:`neurojepa_pl.data.resample`, on a GPU when ``device`` is one) -> skull stripping **after**
+registration (the reference moved SynthStrip there; here deepbet, whose weights ship in its wheel). FSL's ``robustfov``
+has no offline Python equivalent and is skipped. N4 and registration use ANTsPy (optional extra ``preprocess``: antspyx
+needs numpy < 2.4, so it is not a core dependency); skull stripping uses deepbet when installed.
 
 Every step is a callable ``step(input_path, output_path, modality)`` so the orchestration (parallelism, resume, status
 bookkeeping, failure recording) is independent of the heavy tools and testable without them.
@@ -18,6 +20,7 @@ and ``OUT/manifest.csv`` (the input manifest with ``path`` pointing at the outpu
 from __future__ import annotations
 
 import csv
+import multiprocessing
 import os
 import tempfile
 import time
@@ -28,6 +31,7 @@ from functools import partial
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import pandas as pd
 
 Step = Callable[[Path, Path, str], None]
@@ -51,10 +55,12 @@ class PreprocessSteps:
     bias_correct: Step | None = None
     register: Step | None = None
     skull_strip: Step | None = None
+    resample: Step | None = None
+    device: str = "cpu"  # where the steps compute; worker processes are spawned (not forked) for a GPU
 
     def named(self) -> list[tuple[str, Step]]:
         steps = [("reorient", self.reorient), ("bias_correct", self.bias_correct), ("register", self.register),
-                 ("skull_strip", self.skull_strip)]  # fmt: skip
+                 ("resample", self.resample), ("skull_strip", self.skull_strip)]  # fmt: skip
         return [(name, step) for name, step in steps if step is not None]
 
 
@@ -106,6 +112,32 @@ def ants_affine_to_mni(input_path: Path, output_path: Path, modality: str, trans
         ants.image_write(warped, str(output_path))
 
 
+def resample_to_spacing(
+    input_path: Path,
+    output_path: Path,
+    modality: str,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    order: int = 5,
+    device: str = "cpu",
+) -> None:
+    """Resample to ``spacing`` mm with an order-``order`` spline (border padding), MONAI ``Spacing``'s output grid.
+
+    The chain's spacing step (docs/method.md §1.2) on the raw intensities, as three matrix products on ``device``
+    (:class:`neurojepa_pl.data.resample.SeparableSpacingd`; within ~1e-6 of MONAI's SciPy path).
+    """  # fmt: skip
+    import torch
+    from monai.transforms import EnsureChannelFirstd, LoadImaged
+
+    from neurojepa_pl.data.resample import SeparableSpacingd
+
+    load = LoadImaged("image", image_only=True, dtype=np.float32)
+    data = EnsureChannelFirstd("image")(load({"image": str(input_path)}))
+    step = SeparableSpacingd.from_pixdim("image", spacing, mode=order, padding_mode="border", device=device)
+    out = step(data)["image"]  # a MetaTensor: the resampled volume and its affine (the input if nothing to do)
+    volume = out.as_tensor().to("cpu", torch.float32).numpy()[0]
+    nib.save(nib.Nifti1Image(volume, np.asarray(out.affine.cpu(), dtype=np.float64)), str(output_path))
+
+
 def deepbet_skull_strip(input_path: Path, output_path: Path, modality: str, threshold: float = 0.5) -> None:
     """Brain extraction with deepbet (trained on T1w; used for every modality here, as the reference uses one tool)."""
     try:
@@ -122,7 +154,11 @@ def deepbet_skull_strip(input_path: Path, output_path: Path, modality: str, thre
 
 
 def default_steps(
-    bias_correction: bool = True, registration: str = "Affine", skull_strip: str = "deepbet"
+    bias_correction: bool = True,
+    registration: str = "Affine",
+    skull_strip: str = "deepbet",
+    target_spacing: tuple[float, float, float] | None = None,
+    device: str = "cpu",
 ) -> PreprocessSteps:
     """The paper-style steps with the offline tools.
 
@@ -131,6 +167,8 @@ def default_steps(
         registration: ANTs transform type (``"Affine"``: 12 DOF, ~1 min/scan on one core; ``"AffineFast"``: ~10 s)
             or ``"none"``.
         skull_strip: ``"deepbet"`` or ``"none"``.
+        target_spacing: resample to this voxel size (mm) after registration; ``None`` skips the step.
+        device: where the resampling runs (``cpu``, ``cuda``, ``cuda:N``; resolved by the caller).
 
     Raises:
         MissingDependencyError: a requested tool is not installed (checked now, not hours into the run).
@@ -153,6 +191,12 @@ def default_steps(
         bias_correct=ants_n4 if bias_correction else None,
         register=partial(ants_affine_to_mni, transform=registration) if registration != "none" else None,
         skull_strip=deepbet_skull_strip if skull_strip == "deepbet" else None,
+        resample=(
+            partial(resample_to_spacing, spacing=tuple(float(v) for v in target_spacing), device=str(device))
+            if target_spacing is not None
+            else None
+        ),
+        device=str(device),
     )
 
 
@@ -273,7 +317,7 @@ def preprocess_manifest(
         writer = csv.DictWriter(handle, fieldnames=list(STATUS_COLUMNS))
         if new_file:
             writer.writeheader()
-        for result in _execute(tasks, workers):
+        for result in _execute(tasks, workers, spawn=steps.device.startswith("cuda")):
             i = int(result["manifest_row"])
             record = {
                 "manifest_row": i,
@@ -296,11 +340,13 @@ def preprocess_manifest(
     return result_manifest
 
 
-def _execute(tasks: list, workers: int):
+def _execute(tasks: list, workers: int, spawn: bool = False):
     if workers <= 1:
         yield from map(run_steps, tasks)
         return
-    with ProcessPoolExecutor(max_workers=workers, initializer=_pool_init) as pool:
+    # A forked child cannot use CUDA once the parent has touched it: GPU steps run in spawned workers.
+    context = multiprocessing.get_context("spawn") if spawn else None
+    with ProcessPoolExecutor(max_workers=workers, initializer=_pool_init, mp_context=context) as pool:
         futures = [pool.submit(run_steps, task) for task in tasks]
         for future in as_completed(futures):
             yield future.result()

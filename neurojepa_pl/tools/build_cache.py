@@ -6,6 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
+from neurojepa_pl.tools.shard_cache import add_shard_arguments, dtype_for, run_shards
+
 
 def _triple_or_none(kind):
     def parse(values: list[str]):
@@ -59,16 +61,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neurojepa build-cache",
         description=(
-            "Run the deterministic loading chain once per scan of a per-scan manifest and store every volume in one "
-            "memory-mapped .npy (OUT/<settings digest>-<dtype>/volumes.npy + index.csv + quarantine.csv + meta.json). "
-            "Scans that fail are quarantined with their reason, never zero-filled. A changed setting gets a new folder."
+            "Run the deterministic loading chain once per scan of a per-scan manifest and store the volumes: by default"
+            " as LitData shards (OUT/shards-<key>/: chunk files, samples.csv, quarantine.csv, shards.json; the key "
+            "hashes the settings, dtype and scans; a killed build resumes; read with `--data.init_args.cache shards`), "
+            "or with --format memmap in one memory-mapped .npy (OUT/<settings digest>-<dtype>/volumes.npy + index.csv +"
+            " quarantine.csv + meta.json). Scans that fail are quarantined with their reason, never zero-filled. A "
+            "changed setting gets a new folder. Run again on a finished cache, it checks it (file size and header; "
+            "every row's CRC-32 with --verify) and rebuilds damaged rows. Concurrent runs on one folder take turns (a "
+            "lock file beside it); a killed run leaves no folder that looks finished."
         ),
     )
     parser.add_argument("manifest", type=Path, help="per-scan manifest CSV")
     parser.add_argument("--out", type=Path, required=True, help="parent folder of the cache")
-    parser.add_argument("--dtype", choices=("uint8", "float16"), default="uint8", help="stored dtype (default uint8)")
+    add_shard_arguments(parser)  # --format shards|memmap, --dtype, --device, --resampler (tools/shard_cache.py)
     parser.add_argument("--workers", type=int, default=1, help="processes running the chain (default 1)")
     parser.add_argument("--rebuild", action="store_true", help="rebuild even if a complete cache exists")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="on an existing cache, also read every row and check its CRC-32 (reads the whole cache); damaged rows "
+        "are rebuilt from their scans either way",
+    )
     add_transform_arguments(parser)
     return parser
 
@@ -79,11 +92,26 @@ def main(argv: list[str]) -> int:
     from neurojepa_pl.data_modules.fast_cache import build_fast_cache
 
     settings = settings_from_args(args)
+    if args.format == "shards":
+        return run_shards(args, settings)
     started = time.perf_counter()
-    index = build_fast_cache(load_manifest(args.manifest), args.out, settings, args.dtype, args.workers, args.rebuild)
-    quarantine = index.attrs["quarantine"]
+    index = build_fast_cache(
+        load_manifest(args.manifest),
+        args.out,
+        settings,
+        dtype_for(args),
+        args.workers,
+        args.rebuild,
+        verify=args.verify,
+    )
+    quarantine, repaired = index.attrs["quarantine"], index.attrs["repaired"]
+    if index.attrs["built"]:
+        what = "built"
+    else:
+        checked = "every row's CRC-32 checked" if args.verify else "size and header checked"
+        what = f"reused ({checked}; {len(repaired)} damaged rows rebuilt)" if repaired else f"reused ({checked})"
     print(
-        f"neurojepa build-cache: {len(index)} scans cached, {len(quarantine)} quarantined, "
+        f"neurojepa build-cache: {len(index)} scans cached, {len(quarantine)} quarantined, {what}, "
         f"{time.perf_counter() - started:.1f} s -> {index.attrs['cache_dir']}"
     )
     for row in quarantine.head(10).itertuples():

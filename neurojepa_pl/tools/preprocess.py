@@ -32,6 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--registration", choices=("Affine", "AffineFast", "none"), default="Affine",
                         help="ANTs affine transform type (default Affine, 12 DOF)")  # fmt: skip
     parser.add_argument("--no-bias-correction", action="store_true", help="skip N4")
+    parser.add_argument("--target-spacing", nargs=3, type=float, default=None, metavar="MM",
+                        help="resample to this voxel size after registration (order-5 spline, as the loading chain; "
+                        "for scans already in MNI space at another resolution); default: no resampling")  # fmt: skip
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="where the resampling runs: auto (a GPU when present), cpu, cuda, cuda:N (default auto)",
+    )
     parser.add_argument("--resume", action="store_true", help="skip scans already done; retry failed ones")
     return parser
 
@@ -39,11 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from neurojepa_pl.data import load_manifest
+    from neurojepa_pl.data.resample import resolve_device
     from neurojepa_pl.preprocess.pipeline import MissingDependencyError, default_steps, preprocess_manifest
 
     try:
-        steps = default_steps(not args.no_bias_correction, args.registration, args.skull_strip)
-    except MissingDependencyError as error:
+        device = resolve_device(args.device)
+        steps = default_steps(not args.no_bias_correction, args.registration, args.skull_strip,
+                              target_spacing=args.target_spacing, device=str(device))  # fmt: skip
+    except (MissingDependencyError, ValueError) as error:
         print(f"neurojepa preprocess: {error}", file=sys.stderr)
         return 2
     try:

@@ -10,11 +10,13 @@ import pandas as pd
 import pytest
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torchdata.stateful_dataloader import StatefulDataLoader
 from trainers import tiny_trainer
 from volume_factory import TINY_CROP, TINY_PATCH, make_cohort, truncate_file
 
 from neurojepa_pl.data import ManifestError
-from neurojepa_pl.data_modules.base import EpochSampler
+from neurojepa_pl.data_modules.base import EpochSampler, TooManyBadScans
 from neurojepa_pl.data_modules.datasets import TooManyFailedScans
 from neurojepa_pl.data_modules.finetune import (
     FinetuneDataModule,
@@ -23,6 +25,7 @@ from neurojepa_pl.data_modules.finetune import (
     multilabel_balanced_weights,
 )
 from neurojepa_pl.data_modules.pretrain import PretrainDataModule
+from neurojepa_pl.errors import UserError
 
 
 def _subjects(dataset):
@@ -67,12 +70,12 @@ def test_epoch_sampler_weighted_draws():
         EpochSampler(3, weights=[0.0, 0.0, 0.0])
 
 
-def test_epoch_sampler_set_epoch_callback():
-    seen = []
-    sampler = EpochSampler(4, on_set_epoch=seen.append)
+def test_epoch_sampler_keys_follow_set_epoch():
+    sampler = EpochSampler(4, seed=1)
     sampler.set_epoch(2)
-    sampler.set_epoch(3)
-    assert seen == [2, 3] and sampler.epoch == 3
+    keys = list(sampler)
+    assert sampler.epoch == 2 and [k[:2] for k in keys] == [(2, p) for p in range(4)]
+    assert sorted(k[2] for k in keys) == [0, 1, 2, 3]
 
 
 # ---------------------------------------------------------------------------------------------------- pure functions
@@ -260,8 +263,13 @@ def test_failed_scans_over_the_limit_stop_the_run(tmp_path, tiny_dm_kwargs):
     bad = tmp_path / "sub-001/ses-0/anat/sub-001_ses-0_T1w.nii.gz"
     truncate_file(bad)
     dm = FinetuneDataModule(str(manifest), task="binary", label_columns=["tumour"], **tiny_dm_kwargs)
-    with pytest.raises(TooManyFailedScans, match=r"(?s)1 of 8 scans failed .*sub-001_ses-0_T1w\.nii\.gz: EOFError"):
+    with pytest.raises(TooManyFailedScans, match=r"1 of 8 scans cannot be used \(12\.5%\), more than max_fai") as info:
         dm.setup("fit")
+    assert isinstance(info.value, TooManyBadScans) and isinstance(info.value, UserError)
+    (problem,) = info.value.problems
+    assert (problem.kind, problem.path) == ("truncated", str(bad))
+    assert f"{bad} | truncated: the compressed data ends early (EOFError:" in info.value.message
+    assert info.value.fix.endswith("or set data.init_args.max_failed_fraction: 0.125 to skip them.")
     quarantine = tiny_dm_kwargs["quarantine_path"]
     assert [r["path"] for r in csv.DictReader(open(quarantine))] == [str(bad)]
 
@@ -273,18 +281,56 @@ def test_failed_scans_over_the_limit_stop_the_run(tmp_path, tiny_dm_kwargs):
     assert tolerant.quarantine_file is not None and tolerant.quarantine_file.is_file()
 
 
-def test_manifest_errors_stop_setup(tmp_path, tiny_dm_kwargs):
+def test_missing_files_are_reported_with_the_unreadable_ones(tmp_path, tiny_dm_kwargs):
+    manifest = make_cohort(tmp_path, n_subjects=10)
+    manifest.write_text(manifest.read_text().replace("sub-002/ses-0/anat/sub-002_ses-0_T1w", "sub-002/missing"))
+    truncated = truncate_file(tmp_path / "sub-004/ses-0/anat/sub-004_ses-0_T1w.nii.gz")
+    dm = FinetuneDataModule(str(manifest), task="binary", label_columns=["tumour"], **tiny_dm_kwargs)
+    with pytest.raises(TooManyBadScans, match=r"^2 of 8 scans cannot be used \(25\.0%\)") as info:
+        dm.setup("fit")
+    assert [(p.kind, p.path) for p in info.value.problems] == [
+        ("missing_file", str(tmp_path / "sub-002/missing.nii.gz")),
+        ("truncated", str(truncated)),
+    ]
+    row = next(line for line in info.value.message.splitlines() if line.startswith(str(tmp_path / "sub-002")))
+    path, reason, fix = (cell.strip() for cell in row.split("|"))
+    assert (path, reason) == (str(tmp_path / "sub-002/missing.nii.gz"), "missing_file: the file does not exist")
+    assert fix.startswith("correct the path (relative paths are resolved")  # the rest wraps onto the next line
+
+    tolerant = FinetuneDataModule(
+        str(manifest), task="binary", label_columns=["tumour"], **{**tiny_dm_kwargs, "max_failed_fraction": 0.25}
+    )
+    tolerant.setup("fit")
+    assert _subjects(tolerant.datasets["train"]) == {"000", "001", "003", "005"}
+    quarantined = [r["path"] for r in csv.DictReader(open(tiny_dm_kwargs["quarantine_path"]))]
+    assert quarantined == [str(tmp_path / "sub-002/missing.nii.gz"), str(truncated)]
+
+
+def test_manifest_errors_stop_setup_with_the_missing_files_in_the_same_report(tmp_path, tiny_dm_kwargs):
     manifest = make_cohort(tmp_path, n_subjects=5)
     text = manifest.read_text().replace("sub-002/ses-0/anat/sub-002_ses-0_T1w.nii.gz", "sub-002/missing.nii.gz")
-    manifest.write_text(text)
+    manifest.write_text(text.replace("sub-003/ses-0/anat/sub-003_ses-0_T1w.nii.gz,val", "sub-003/x.nii.gz,valid"))
     dm = FinetuneDataModule(str(manifest), task="binary", label_columns=["tumour"], **tiny_dm_kwargs)
-    with pytest.raises(ManifestError, match="missing_file"):
+    with pytest.raises(ManifestError) as info:
+        dm.check_manifest()  # what `neurojepa` runs before building the model; setup runs it again
+    assert info.value.report.kinds() == {"missing_file": 2, "bad_split": 1}
+    with pytest.raises(ManifestError):
         dm.setup("fit")
+
+
+def test_a_manifest_whose_files_all_miss_stops_before_loading(tmp_path, tiny_dm_kwargs):
+    manifest = make_cohort(tmp_path, n_subjects=5)
+    manifest.write_text(manifest.read_text().replace("sub-", "elsewhere/sub-"))
+    dm = FinetuneDataModule(str(manifest), task="binary", label_columns=["tumour"], **tiny_dm_kwargs)
+    with pytest.raises(ManifestError) as info:
+        dm.check_manifest()
+    assert info.value.report.kinds() == {"missing_file": 5}
+    assert "relative paths are resolved against the manifest's folder" in info.value.message
 
 
 def test_finetune_modality_selection(tmp_path, tiny_dm_kwargs):
     manifest = make_cohort(tmp_path, n_subjects=5, modalities=("T1w", "FLAIR"))
-    with pytest.raises(ValueError, match=r"has modalities \['FLAIR', 'T1w'\]; set modality"):
+    with pytest.raises(ValueError, match=r"has modalities \['FLAIR', 'T1w'\]; unimodal fine-tuning needs one"):
         FinetuneDataModule(str(manifest), task="binary", label_columns=["tumour"], **tiny_dm_kwargs).setup("fit")
     dm = FinetuneDataModule(str(manifest), task="binary", label_columns=["tumour"], modality="FLAIR", **tiny_dm_kwargs)
     dm.setup("fit")
@@ -352,14 +398,39 @@ def test_pretrain_mask_step_follows_epoch_and_resume(mixed_cohort, tiny_dm_kwarg
     assert [(s, p) for s, p, _ in again] == [(s, p) for s, p, _ in epoch1]
     assert all(torch.equal(a[2], r[2]) for a, r in zip(again, epoch1, strict=True))
 
-    dm.set_resume_step(2)
-    assert next(iter(_only_collate(dm)))["mask_step"] == 2
 
-
-def _only_collate(dm):
-    """Collate two cached samples with the module's training collator (no new epoch)."""
-    samples = [dm.datasets["train"][i] for i in range(2)]
-    return [dm.train_collator(samples)]
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_pretrain_loader_resumes_mid_epoch(mixed_cohort, tiny_dm_kwargs, num_workers):
+    """The train loader's state after two batches continues with batch 2 (same samples and masks) in a new loader."""
+    kwargs = {**tiny_dm_kwargs, "num_workers": num_workers}
+    dm = _pretrain(mixed_cohort, kwargs)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert isinstance(loader, StatefulDataLoader)
+    full, state, last = [], None, None
+    for i, batch in enumerate(loader):
+        full.append(batch)
+        if i == 1:
+            state = loader.state_dict()
+        if i == 3:
+            last = loader.state_dict()  # after the epoch's last batch (a checkpoint at an epoch boundary)
+    resumed = _pretrain(mixed_cohort, kwargs)
+    resumed.setup("fit")
+    new_loader = resumed.train_dataloader()
+    new_loader.load_state_dict(state)
+    rest = list(new_loader)
+    assert [b["mask_step"] for b in rest] == [2, 3]
+    other = _pretrain(mixed_cohort, {**kwargs, "num_workers": 2 - num_workers})
+    other.setup("fit")
+    with pytest.raises(UserError, match=f"resume with --data.init_args.num_workers {num_workers}"):
+        other.train_dataloader().load_state_dict(state)
+    # Lightning goes on to the next epoch with the same loader: it must start from its first batch
+    boundary = resumed.train_dataloader()  # the data module's epoch: 0, the one the checkpoint was written in
+    boundary.load_state_dict(last)
+    assert boundary.sampler.epoch == 1 and [b["mask_step"] for b in boundary] == [4, 5, 6, 7]
+    for want, got in zip(full[2:], rest, strict=True):
+        assert want["path"] == got["path"] and torch.equal(want["image"], got["image"])
+        assert all(torch.equal(a, b) for a, b in zip(want["context_idx"], got["context_idx"], strict=True))
 
 
 def test_pretrain_val_masks_are_fixed(mixed_cohort, tiny_dm_kwargs):
@@ -370,6 +441,9 @@ def test_pretrain_val_masks_are_fixed(mixed_cohort, tiny_dm_kwargs):
     second = [b["context_idx"][1] for b in loader]
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     assert [b["mask_step"] for b in loader] == [0, 1][: len(first)]
+    loader.sampler.set_epoch(3)  # Lightning sets the epoch of val samplers too: the masks must not follow it
+    third = [b["context_idx"][1] for b in loader]
+    assert all(torch.equal(a, b) for a, b in zip(first, third, strict=True))
 
 
 def test_pretrain_options(mixed_cohort, tiny_dm_kwargs):
@@ -428,6 +502,25 @@ def test_pretrain_with_trainer_resumes_exactly(mixed_cohort, tiny_dm_kwargs, tmp
     assert second.seen == full.seen[4:]
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_pretrain_with_trainer_resumes_mid_epoch(mixed_cohort, tiny_dm_kwargs, tmp_path, num_workers, recwarn):
+    kwargs = {**tiny_dm_kwargs, "num_workers": num_workers}
+    full = _Recorder()
+    _trainer(tmp_path, 2).fit(full, datamodule=_pretrain(mixed_cohort, kwargs))
+    first = _Recorder()
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=3, save_top_k=-1)
+    stopped = tiny_trainer(
+        max_steps=3, limit_val_batches=0, default_root_dir=str(tmp_path), callbacks=[every], enable_checkpointing=True
+    )
+    stopped.fit(first, datamodule=_pretrain(mixed_cohort, kwargs))
+    assert first.seen == full.seen[:3]
+    second = _Recorder()
+    ckpt = tmp_path / "ckpt" / "step=3.ckpt"
+    _trainer(tmp_path, 2).fit(second, datamodule=_pretrain(mixed_cohort, kwargs), ckpt_path=str(ckpt))
+    assert second.seen == full.seen[3:]  # batch 3 of epoch 0 next, not the epoch's first batch again
+    assert not [w for w in recwarn if "not resumable" in str(w.message)]
+
+
 # ---------------------------------------------------------------------------------------------------- SynthBrain
 def _synth_available() -> bool:
     import neurojepa_pl.synth as synth
@@ -470,7 +563,7 @@ def validate_manifest_full(path):
 def test_unstratifiable_automatic_split_names_the_fix(tmp_path, tiny_dm_kwargs):
     manifest = make_cohort(tmp_path, n_subjects=6, with_split=False, labels=lambda s: {"tumour": int(s == 0)})
     dm = FinetuneDataModule(str(manifest), task="binary", label_columns=["tumour"], **tiny_dm_kwargs)
-    with pytest.raises(ValueError, match="set stratify_split=False"):
+    with pytest.raises(ValueError, match="fix: set data.init_args.stratify_split: false"):
         dm.load_frame()
     relaxed = FinetuneDataModule(
         str(manifest), task="binary", label_columns=["tumour"], stratify_split=False, **tiny_dm_kwargs

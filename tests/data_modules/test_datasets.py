@@ -1,9 +1,13 @@
-"""MRIScanDataset: cached loading, failure reporting and skipping, cache keys and invalidation, seeded augmentation."""
+"""MRIScanDataset: cached loading, failure reporting and skipping, cache keys and invalidation, seeded augmentation;
+damaged cache entries reported and rebuilt, entry writes that a kill or a second process cannot leave half-done."""
 
 from __future__ import annotations
 
 import csv
+import io
 import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -163,3 +167,97 @@ def test_records_are_checked(tmp_path, tiny_settings):
         MRIScanDataset([{"subject_id": "1"}], tiny_settings)
     with pytest.raises(ValueError, match="must not contain the key 'image'"):
         MRIScanDataset([{"path": "/a.nii.gz", "image": 1}], tiny_settings)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Damaged cache entries, interrupted entry writes, two processes filling one cache folder
+# ----------------------------------------------------------------------------------------------------------------------
+def _damage(kind: str, data: bytes) -> bytes:
+    return {
+        "truncated": data[: len(data) // 2],  # MONAI 1.6 re-raises this one (zip directory missing)
+        "empty": b"",  # ... and this one (EOFError)
+        "garbage": np.random.default_rng(0).integers(0, 255, len(data), dtype=np.uint8).tobytes(),
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "garbage"])
+def test_corrupt_cache_entry_is_reported_and_rebuilt(kind, tmp_path, tiny_settings, caplog):
+    recs = _records(tmp_path, n=2)
+    first = MRIScanDataset(recs, tiny_settings, cache_dir=tmp_path / "cache")
+    first.preload()
+    entries = sorted(first.cache_path.glob("*.pt"))
+    for entry in entries:
+        entry.write_bytes(_damage(kind, entry.read_bytes()))
+
+    caplog.set_level("WARNING", logger="neurojepa_pl.data_modules.datasets")
+    again = MRIScanDataset(recs, tiny_settings, cache_dir=tmp_path / "cache")
+    assert again.preload() == []  # the scans are fine: nothing is quarantined because of a bad cache file
+    warnings = [r.getMessage() for r in caplog.records if "corrupt cache entry" in r.getMessage()]
+    assert len(warnings) == 2
+    for entry in entries:
+        (message,) = [w for w in warnings if str(entry) in w]
+        assert "(scan " in message and message.endswith("deleting and rebuilding it")
+    fresh = MRIScanDataset(recs, tiny_settings, cache_dir=None)
+    for i in range(2):
+        torch.testing.assert_close(again[i]["image"], fresh[i]["image"], rtol=0, atol=0)
+        assert torch.load(entries[i], weights_only=True)["image"].shape == (1, *TINY_RESIZE)  # rewritten whole
+
+
+def test_interrupted_entry_write_leaves_nothing_at_the_final_path(tmp_path, tiny_settings, monkeypatch):
+    recs = _records(tmp_path, n=1)
+    dataset = MRIScanDataset(recs, tiny_settings, cache_dir=tmp_path / "cache")
+    real_save = torch.save
+    seen = {}
+
+    def killed_halfway(obj, f, **kwargs):
+        seen["folder"] = os.path.dirname(f.name)  # the partial file is in the cache folder: one rename, no copy
+        seen["entries_meanwhile"] = sorted(dataset.cache_path.glob("*.pt"))
+        buffer = io.BytesIO()
+        real_save(obj, buffer, **kwargs)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        raise KeyboardInterrupt  # what a kill looks like from inside the writer
+
+    monkeypatch.setattr(torch, "save", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        dataset[0]
+    assert seen == {"folder": str(dataset.cache_path), "entries_meanwhile": []}
+    assert sorted(p.name for p in dataset.cache_path.iterdir()) == ["settings.json"]  # no entry, no partial file
+    monkeypatch.setattr(torch, "save", real_save)
+    assert float(dataset[0]["image"].max()) > 0.5 and len(_pt_files(dataset)) == 1
+
+
+def test_preload_removes_partial_files_of_killed_writers(tmp_path, tiny_settings):
+    recs = _records(tmp_path, n=1)
+    dataset = MRIScanDataset(recs, tiny_settings, cache_dir=tmp_path / "cache")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = dataset.cache_path / f".partial-{int(dead.stdout)}-0123abcd.tmp"
+    leftover.write_bytes(b"half an entry")
+    dataset.preload()
+    assert not leftover.exists() and len(_pt_files(dataset)) == 1
+
+
+def _fill_cache(barrier, records, settings, cache_dir) -> list[str]:
+    torch.set_num_threads(1)
+    barrier.wait()
+    return [f.path for f in MRIScanDataset(records, settings, cache_dir=cache_dir).preload()]
+
+
+@pytest.mark.slow
+def test_two_processes_filling_one_cache_folder_leave_valid_entries(tmp_path, tiny_settings):
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    recs = _records(tmp_path, n=6)
+    context = mp.get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(2, mp_context=context) as pool:
+        barrier = manager.Barrier(2)
+        futures = [pool.submit(_fill_cache, barrier, recs, tiny_settings, tmp_path / "cache") for _ in range(2)]
+        assert [f.result(timeout=300) for f in futures] == [[], []]  # neither saw a broken entry of the other
+
+    cached = MRIScanDataset(recs, tiny_settings, cache_dir=tmp_path / "cache")
+    assert sorted(p.name for p in cached.cache_path.iterdir() if p.suffix != ".pt") == ["settings.json"]
+    assert len(_pt_files(cached)) == 6
+    fresh = MRIScanDataset(recs, tiny_settings, cache_dir=None)
+    for i in range(6):
+        entry = cached._persistent.entry_path(cached._persistent.data[i])
+        torch.testing.assert_close(torch.load(entry, weights_only=True)["image"], fresh[i]["image"], rtol=0, atol=0)

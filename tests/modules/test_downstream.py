@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.multiprocessing as mp
-from trainers import tiny_trainer
+from trainers import free_port, tiny_trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_workers import store_worker  # noqa: E402
@@ -306,14 +305,8 @@ def test_module_lr_follows_the_schedule(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- gathering across ranks
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_prediction_store_gathers_all_ranks_and_drops_padding(tmp_path):
-    mp.spawn(store_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(store_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         result = torch.load(tmp_path / f"{rank}.pt", weights_only=False)
         assert result["path"] == ["scan0", "scan2", "scan4", "scan1", "scan3"]
