@@ -193,6 +193,22 @@ def _predict_best(words: list[str], workspace: Path, capsys) -> None:
     assert sorted(p.name for p in FINETUNE_RUN.iterdir()) == ["version_0"], "predict opened a new version folder"
 
 
+def _routing(words: list[str], workspace: Path, capsys) -> None:
+    assert _neurojepa(words, ["--max-scans", "4"]) == 0
+    report = json.loads((workspace / "runs/analysis/routing/routing.json").read_text())
+    assert report and (workspace / "runs/analysis/routing/maps").is_dir()
+
+
+def _embedding_geometry(words: list[str], workspace: Path, capsys) -> None:
+    assert _neurojepa(words, ["--perplexity", "3"]) == 0
+    assert list((workspace / "runs/analysis/geometry").glob("*.json"))
+
+
+def _fairness(words: list[str], workspace: Path, capsys) -> None:
+    assert _neurojepa(words) == 0
+    assert "fairness" in json.loads((BEST.parents[1] / "metrics.json").read_text())
+
+
 @dataclass(frozen=True)
 class Recipe:
     check: Callable[[list[str], Path, object], None]
@@ -214,6 +230,16 @@ RECIPES: dict[str, Recipe] = {
     f"neurojepa test --config {FINETUNE_CONFIG} --ckpt_path {BEST}": Recipe(_test_best, runs=True),
     f"neurojepa predict --config {FINETUNE_CONFIG} --ckpt_path {BEST}": Recipe(_predict_best, runs=True),
     ".venv/bin/tensorboard --logdir runs": Recipe(_executable),
+    "neurojepa routing --checkpoint runs/demo/export --manifest runs/demo/synthbrain/manifest.csv "
+    "--out runs/analysis/routing --spatial-size 48 54 48 --resize-to 50 60 50 --pad-crop-size none "
+    "--target-spacing none": Recipe(_routing, runs=True),
+    "neurojepa embedding-geometry --backbone jepa=runs/demo/export --backbone random=random "
+    "--manifest runs/demo/synthbrain/manifest.csv --out runs/analysis/geometry "
+    "--age-groups Young:0:40 Middle:40:60 Senior:60:inf "
+    "--spatial-size 48 54 48 --resize-to 50 60 50 --pad-crop-size none --target-spacing none": Recipe(
+        _embedding_geometry, runs=True
+    ),
+    f"neurojepa fairness {BEST.parents[1]} --columns site sex age": Recipe(_fairness, runs=True),
     ".venv/bin/python -m neurojepa_pl.demos.pretrain_probe --workdir runs/demo200 --subjects 200 --seed 1": Recipe(
         _demo_arguments
     ),
@@ -273,7 +299,7 @@ def test_readme_commands_run(synth_cohort, tmp_path, monkeypatch, capsys):
                     ran.append(command)
     finally:
         rank_zero.removeHandler(records)
-    assert len(ran) == 4
+    assert len(ran) == 7
     # Item 2 of the CLI: no LightningCLI argv warning and no Lightning product tips, while its other messages pass.
     assert not [w for w in caught if "args parameter" in str(w.message)]
     assert any(m.startswith("GPU available") for m in records.messages), records.messages

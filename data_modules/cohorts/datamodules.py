@@ -65,6 +65,14 @@ class _CohortManifest:
         }
         self.work_dir = work_dir
         self.cohort_report: CohortReport | None = None
+        # Lightning merges the model's and the data module's hyper-parameters when it logs them and refuses keys that
+        # differ: the model's `task` / `num_classes` are the task type and head width, so record those here too and
+        # keep the cohort's own task name under `cohort_task`.
+        task_type = getattr(self, "task", None)
+        if task_type is not None:
+            outputs = getattr(self, "num_classes", self.hparams.get("num_classes"))
+            recorded = {"task": task_type, "num_classes": outputs, "cohort_task": spec.task}
+            self.save_hyperparameters({**self.hparams, **recorded})
 
     @property
     def manifest_stem(self) -> str:

@@ -26,6 +26,11 @@ ICSPR_LABELS = (
     LabelColumn("Lesion-type", "categorical", num_classes=3),
     LabelColumn("LoS_gt_8", "binary"),
 )
+# Endpoints shared across cohorts (CohortSpec.endpoint): the label definitions the paper's cross-cohort transfer matches
+# (Supplementary F.1: NACC -> ADNI for Alzheimer's disease and for amyloid positivity).
+ALZHEIMERS_DISEASE = "alzheimers_disease"
+AMYLOID_POSITIVITY = "amyloid_positivity"
+
 MCSA_LABELS = (
     LabelColumn("Cog", "categorical", num_classes=3),
     LabelColumn("Stroke", "binary"),
@@ -62,6 +67,7 @@ def _adni() -> list[CohortSpec]:
         CohortSpec(
             "ADNI", "ad", "T1w", "unimodal/ADNI/ADNI1_AD_T1w_{split}.csv", "Subject", "binary", _binary("AD"), ("AD",),
             {"T1w": "Image Data ID"}, "loni_image", description="ADNI1 Alzheimer's disease vs control",
+            endpoint=ALZHEIMERS_DISEASE,
         ),
         CohortSpec(
             "ADNI", "tte", "T1w", "unimodal/ADNI/ADNI1_tte_T1w_{split}.csv", "Subject", "survival",
@@ -76,7 +82,7 @@ def _adni() -> list[CohortSpec]:
             CohortSpec(
                 "ADNI", "amyloid", modality, f"unimodal/ADNI/ADNI_AMYLOID_{modality}_{{split}}.csv", "subject_id",
                 "binary", _binary("AMYLPET", "AMYLOID"), ("AMYLPET",), {modality: "image_id"}, "loni_image",
-                description="ADNI4 amyloid-PET positivity",
+                description="ADNI4 amyloid-PET positivity", endpoint=AMYLOID_POSITIVITY,
             )
         )  # fmt: skip
     return specs
@@ -159,7 +165,7 @@ def _nacc() -> list[CohortSpec]:
             CohortSpec(
                 "NACC", "ad", modality, f"{kind}/NACC/NACC_AD_{modality}_{{split}}.csv", "NACCID", "binary",
                 _binary("AD"), ("AD",), site_column="NACCADC",
-                description="Alzheimer's disease vs control (per-visit rows, no scan ID)",
+                description="Alzheimer's disease vs control (per-visit rows, no scan ID)", endpoint=ALZHEIMERS_DISEASE,
             )
         )  # fmt: skip
     for modality in ("T1w", "T2w", "FLAIR"):
@@ -168,6 +174,7 @@ def _nacc() -> list[CohortSpec]:
                 "NACC", "amyloid", modality, f"unimodal/NACC/NACC_AMYLOID_{modality}_{{split}}.csv", "NACCID",
                 "binary", _binary("AMYLOID"), ("AMYLOID",), site_column="NACCADC",
                 description="amyloid-PET positivity (published splits leak subjects: allow_leakage=True)",
+                endpoint=AMYLOID_POSITIVITY,
             )
         )  # fmt: skip
     return specs

@@ -117,6 +117,10 @@ class CohortSpec:
         extra_columns: other informative columns copied as they are (dates).
         num_classes: classes of a multiclass task.
         description: one line for listings and the README.
+        endpoint: the clinical endpoint the task labels measure, shared by the tasks of other cohorts with the same
+            label definition (``"alzheimers_disease"``: NACC ``ad`` and ADNI ``ad``); a fine-tuned model may be tested
+            across cohorts only on the same endpoint (``neurojepa_pl.data.label_mapping``). Empty: the task is its own
+            endpoint (``<cohort>/<task>``).
     """
 
     cohort: str
@@ -136,6 +140,7 @@ class CohortSpec:
     extra_columns: tuple[str, ...] = ()
     num_classes: int | None = None
     description: str = ""
+    endpoint: str = ""
 
     def __post_init__(self) -> None:
         for modality in self.modalities:

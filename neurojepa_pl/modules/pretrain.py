@@ -16,8 +16,9 @@ the pre-clip norm logged (:meth:`JEPAPretrainModule.configure_gradient_clipping`
 order.
 
 Exact resume: weights, EMA target, MoE biases, AdamW state and callback counters are in the Lightning checkpoint; the
-schedules are pure functions of ``update_step`` (saved too); the masks are pure functions of (seed, rank, global batch
-index), which the data module restores. See ``tests/modules/test_resume.py`` for what is guaranteed.
+schedules are pure functions of ``update_step`` (saved too); sample order, augmentation and masks are pure functions
+of the samples' (epoch, position) keys, and the training loader's position is in the checkpoint too (a
+``StatefulDataLoader``), so a run resumed mid-epoch is exact. See ``tests/modules/test_resume.py``.
 """
 
 from __future__ import annotations
@@ -32,14 +33,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import Tensor, nn
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.fsdp.wrap import wrap
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from neurojepa_pl.callbacks import EMATargetUpdate, MaskFigureLogger, MoELoadBalance, NonFiniteLossGuard
+from neurojepa_pl.config_specs import PAPER_ENCODER, PAPER_PREDICTOR, EncoderSpec, PredictorSpec
 from neurojepa_pl.losses.jepa import jepa_loss
-from neurojepa_pl.models import build_encoder, build_predictor, ddp_ignored_buffer_names
+from neurojepa_pl.models import Predictor3D, VisionTransformer3D, ddp_ignored_buffer_names
+from neurojepa_pl.modules.init_from import InitFrom
 from neurojepa_pl.schedules import PretrainSchedule
 
 __all__ = ["JEPAPretrainModule", "gather_tokens", "patchify", "feature_std", "effective_rank"]
@@ -135,9 +140,12 @@ class JEPAPretrainModule(LightningModule):
     ``context_idx`` / ``target_idx`` lists of M int64 ``[B, Kc]`` / ``[B, Kt]``, ``foreground`` bool ``[B, N]``.
 
     Args:
-        encoder: registry name (``neurojepa_pl.models``), e.g. ``vit_base_moe`` (the paper's).
-        encoder_overrides: constructor overrides, e.g. ``{depth: 6}``.
-        predictor: registry name, e.g. ``predictor_base``.
+        encoder: registry name (``neurojepa_pl.models``), e.g. ``vit_base_moe`` (the paper's), or a mapping of
+            constructor arguments (``preset: <name>`` plus values; what a saved config holds). Either way
+            ``--print_config``, the saved ``config.yaml`` and ``hparams["encoder"]`` hold every constructor argument
+            (:class:`neurojepa_pl.config_specs.EncoderSpec`, docs/method.md §9.4).
+        encoder_overrides: constructor overrides applied on top, e.g. ``{depth: 6}``.
+        predictor: registry name, e.g. ``predictor_base``, or a mapping, as ``encoder``.
         predictor_overrides: its overrides; ``encoder_embed_dim`` must match the encoder.
         img_size: volume size ``[D, H, W]`` of both networks (None: the registry entries' own). ``neurojepa fit``
             links it from the data module's ``spatial_size``, so a YAML states the geometry once, under ``data``.
@@ -167,9 +175,17 @@ class JEPAPretrainModule(LightningModule):
         moe_bias_clip: balance-bias clip.
         bg_weight: loss weight of background target tokens (docs/method.md §6.2; 1.0 disables the weighting).
         loss_exp: loss exponent p (1 = L1).
-        init_from: Lightning checkpoint to start from: weights, and the AdamW state for a non-FSDP strategy (the
-            reference's cool-down). Ignored when resuming with ``--ckpt_path`` (that checkpoint wins).
-        compile: ``torch.compile`` the encoders and the predictor (in place: parameter names are unchanged).
+        init_from: checkpoint to start from (the reference's cool-down), ignored when resuming with ``--ckpt_path``
+            (that checkpoint wins): a Lightning checkpoint of this module, or a reference pretraining checkpoint
+            (``encoder``, ``target_encoder``, ``predictor``, ``opt``, ...; docs/method.md §7.1). Context encoder, EMA
+            target, predictor and MoE balance biases are loaded strictly; the AdamW moments are mapped onto this
+            module's parameters by name (single device / DDP only). The step counter restarts at 0.
+        init_from_mismatch: what to do when part of the optimizer state of ``init_from`` cannot be mapped (no
+            optimizer state, a parameter without a counterpart, per-expert step counts that differ, a GradScaler
+            state): ``"error"`` (default) refuses to start and names each item, ``"warn"`` starts with what maps
+            (AdamW starts afresh for the rest) and warns naming each item.
+        compile: ``torch.compile`` the encoders and the predictor (in place: parameter names are unchanged); None
+            (default) compiles when the trainer runs on CUDA and stays eager on CPU.
         max_nonfinite_in_a_row: consecutive non-finite-loss steps that stop training.
         mask_figure_every_n_steps: log a mask figure every N optimizer steps (0 disables).
         collapse_every_n_steps: log target-feature std and effective rank every N updates (0 disables).
@@ -177,9 +193,9 @@ class JEPAPretrainModule(LightningModule):
 
     def __init__(
         self,
-        encoder: str = "vit_base_moe",
+        encoder: EncoderSpec = PAPER_ENCODER,
         encoder_overrides: dict[str, Any] | None = None,
-        predictor: str = "predictor_base",
+        predictor: PredictorSpec = PAPER_PREDICTOR,
         predictor_overrides: dict[str, Any] | None = None,
         img_size: Sequence[int] | None = None,
         patch_size: int | None = None,
@@ -205,13 +221,20 @@ class JEPAPretrainModule(LightningModule):
         bg_weight: float = 0.1,
         loss_exp: float = 1.0,
         init_from: str | None = None,
-        compile: bool = False,
+        init_from_mismatch: Literal["error", "warn"] = "error",
+        compile: bool | None = None,
         max_nonfinite_in_a_row: int = 10,
         mask_figure_every_n_steps: int = 500,
         collapse_every_n_steps: int = 50,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        # Accept a name, a mapping or a spec; record the full spec as a plain dict (checkpoints are read back with
+        # weights_only=True, which refuses custom classes).
+        encoder, predictor = EncoderSpec(encoder), PredictorSpec(predictor)
+        self.hparams["encoder"], self.hparams["predictor"] = encoder.to_dict(), predictor.to_dict()
+        if init_from_mismatch not in ("error", "warn"):
+            raise ValueError(f"init_from_mismatch must be 'error' or 'warn', got {init_from_mismatch!r}.")
         if target not in ("latent", "pixel"):
             raise ValueError(f"target must be 'latent' or 'pixel', got {target!r}.")
         if phase not in ("pretrain", "cooldown"):
@@ -219,16 +242,16 @@ class JEPAPretrainModule(LightningModule):
 
         # ---- networks: the target starts as an exact copy of the context encoder and is never trained by gradients
         geometry = {k: v for k, v in (("img_size", img_size), ("patch_size", patch_size)) if v is not None}
-        self.context_encoder = build_encoder(
-            encoder, **_with_geometry(encoder_overrides, geometry, "encoder_overrides")
+        self.context_encoder = VisionTransformer3D(
+            **{**encoder.kwargs, **_with_geometry(encoder_overrides, geometry, "encoder_overrides")}
         )
         # Record the geometry the networks were built with: a saved config then states it even where the registry
         # default was used, and Lightning refuses a data module whose patch_size differs (it merges both hparams).
         self.hparams["img_size"] = list(self.context_encoder.config["img_size"])
         self.hparams["patch_size"] = self.context_encoder.config["patch_size"]
         self.target_encoder = copy.deepcopy(self.context_encoder).requires_grad_(False)
-        self.predictor = build_predictor(
-            predictor, **_with_geometry(predictor_overrides, geometry, "predictor_overrides")
+        self.predictor = Predictor3D(
+            **{**predictor.kwargs, **_with_geometry(predictor_overrides, geometry, "predictor_overrides")}
         )
         self._check_predictor_matches_encoder()
         if not per_mask_tokens:
@@ -273,6 +296,7 @@ class JEPAPretrainModule(LightningModule):
             moe_rate=_as_pair(moe_bias_rate, "moe_bias_rate"),
         )
         self.update_step = 0  # optimizer updates applied so far (dropped non-finite steps excluded)
+        self._collapse_logged_at: int | None = None  # update step whose collapse indicators were logged last
         self._model_configured = False
 
     def _check_predictor_matches_encoder(self) -> None:
@@ -369,12 +393,25 @@ class JEPAPretrainModule(LightningModule):
 
     @torch.no_grad()
     def _log_collapse_indicators(self, features: Tensor) -> None:
+        """Every ``collapse_every_n_steps`` update steps: target feature std and effective rank, logged once.
+
+        Written to the loggers directly at ``global_step``: ``self.log(on_step=True)`` on only some steps makes
+        Lightning keep the last value and write it again at every later flush of the epoch, so TensorBoard showed
+        each value twice (or more) and at the wrong steps. The guard keeps gradient accumulation's micro-batches of
+        one update step from logging it more than once.
+        """
         every = self.hparams.collapse_every_n_steps
-        if not every or self.update_step % every or self.hparams.target == "pixel":
+        step = self.update_step
+        if not every or step % every or self.hparams.target == "pixel" or self._collapse_logged_at == step:
             return
+        self._collapse_logged_at = step
         flat = features.reshape(-1, features.shape[-1])
-        self.log("train/target_std", feature_std(flat), on_step=True, on_epoch=False)
-        self.log("train/target_effective_rank", effective_rank(flat), on_step=True, on_epoch=False)
+        metrics = {
+            "train/target_std": float(feature_std(flat)),
+            "train/target_effective_rank": float(effective_rank(flat)),
+        }
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
 
     # ----------------------------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -457,6 +494,9 @@ class JEPAPretrainModule(LightningModule):
         if not params:
             return
         total_norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+        if isinstance(total_norm, DTensor):
+            # FSDP2: the norm of DTensor gradient shards is a partial DTensor; full_tensor() all-reduces it.
+            total_norm = total_norm.full_tensor()
         strategy = self.trainer.strategy
         if (
             isinstance(strategy, FSDPStrategy)
@@ -485,12 +525,13 @@ class JEPAPretrainModule(LightningModule):
 
     # ----------------------------------------------------------------------------------------------- model set-up
     def configure_model(self) -> None:
-        """FSDP wrapping (one unit per transformer block, then one per network) and optional ``torch.compile``.
+        """Sharding (FSDP or FSDP2: one unit per transformer block, then one per network), then ``torch.compile``.
 
-        Lightning calls this inside FSDP's wrapping context, where ``wrap`` shards its argument; with any other
-        strategy ``wrap`` returns the module unchanged. Context and target encoders are wrapped identically, so their
-        local shards line up and the EMA needs no communication. Every parameter ends up in a unit (the LightningModule
-        root is not wrapped), so all gradients are reduced.
+        ``FSDPStrategy``: Lightning calls this inside FSDP's wrapping context, where ``wrap`` shards its argument; with
+        any other strategy ``wrap`` returns the module unchanged. ``ModelParallelStrategy``: :meth:`_shard_fsdp2`.
+        Either way context and target encoders are sharded identically, so their local shards line up and the EMA
+        needs no communication, and every parameter ends up in a unit (the LightningModule root is not wrapped), so
+        all gradients are reduced. ``compile`` (None: on CUDA only) then compiles each network in place.
         """
         if self._model_configured:
             return
@@ -523,9 +564,48 @@ class JEPAPretrainModule(LightningModule):
             self.predictor = wrap(self.predictor, **overrides)
             if self.hparams.target == "pixel":
                 self.pixel_head = wrap(self.pixel_head, **overrides)
-        if self.hparams.compile:
+        elif isinstance(strategy, ModelParallelStrategy):
+            self._shard_fsdp2(strategy)
+        if self._compile_enabled(strategy):
+            # With the paper's masks every batch has the same shapes (fixed token counts, drop_last), so each network
+            # compiles once per call signature (docs/method.md §2.5).
             for network in (self.context_encoder, self.target_encoder, self.predictor):
                 network.compile()
+
+    def _shard_fsdp2(self, strategy: ModelParallelStrategy) -> None:
+        """FSDP2 (``fully_shard``) over the data-parallel mesh: every transformer block, then each network.
+
+        The same plan for both encoders, so every parameter of the target is a DTensor with the placement of its
+        context twin and the EMA runs on the local shards (``callbacks/ema.py``). No ``MixedPrecisionPolicy``:
+        parameters are gathered in float32 and bf16 autocast does the compute, as under DDP, because the MoE router
+        keeps its weight in float32 on purpose (``neurojepa_pl/models/moe.py``); buffers (MoE balance biases, RoPE
+        tables) are never sharded or cast. ``reshard_after_forward=True`` is explicit on the networks: FSDP2 otherwise
+        keeps a root's parameters gathered after a forward without backward, and the target encoder (forward only)
+        would keep running on its pre-EMA weights.
+        """
+        mesh = strategy.device_mesh
+        if mesh["tensor_parallel"].size() != 1:
+            raise ValueError(
+                f"JEPAPretrainModule shards data-parallel only (FSDP2); found tensor_parallel_size "
+                f"{mesh['tensor_parallel'].size()}. Set trainer.strategy.init_args.tensor_parallel_size: 1 and "
+                "data_parallel_size: the number of processes (experiments/trainer/fsdp2.yaml)."
+            )
+        data_parallel = mesh["data_parallel"]
+        networks: list[nn.Module] = [self.context_encoder, self.target_encoder, self.predictor]
+        for blocks in (self.context_encoder.blocks, self.target_encoder.blocks, self.predictor.predictor_blocks):
+            for block in blocks:
+                fully_shard(block, mesh=data_parallel)
+        if self.hparams.target == "pixel":
+            networks.append(self.pixel_head)
+        for network in networks:
+            fully_shard(network, mesh=data_parallel, reshard_after_forward=True)
+
+    def _compile_enabled(self, strategy: Any) -> bool:
+        """``compile`` as given; None (auto): True when the module will run on CUDA, so CPU runs stay eager."""
+        if self.hparams.compile is not None:
+            return bool(self.hparams.compile)
+        device = strategy.root_device if strategy is not None else self.device
+        return device.type == "cuda"
 
     def _trainer_strategy(self) -> Any:
         return self._trainer.strategy if self._trainer is not None else None
@@ -554,26 +634,25 @@ class JEPAPretrainModule(LightningModule):
         self.update_step = int(checkpoint["update_step"])
 
     def setup(self, stage: str) -> None:
+        """``init_from`` (a fit that does not resume): load its weights now, before any wrapping (docs/method.md §7.1).
+
+        The source is our Lightning checkpoint or the reference's pretraining checkpoint
+        (:class:`neurojepa_pl.modules.init_from.InitFrom`); its optimizer state is applied in :meth:`on_fit_start`.
+        """
         if stage == "fit" and self.hparams.init_from and self.trainer.ckpt_path is None:
-            self._init_from = torch.load(self.hparams.init_from, map_location="cpu", weights_only=True)
-            missing = [k for k in ("state_dict", "optimizer_states") if k not in self._init_from]
-            if missing:
-                raise KeyError(
-                    f"init_from {self.hparams.init_from!r} lacks {missing}: expected a Lightning checkpoint "
-                    "written by JEPAPretrainModule (phase 1)."
-                )
-            self.load_state_dict(self._init_from["state_dict"], strict=True)
+            self._init_from = InitFrom.read(self.hparams.init_from, self, self.hparams.init_from_mismatch)
 
     def on_fit_start(self) -> None:
         init = getattr(self, "_init_from", None)
         if init is None:
             return
-        if isinstance(self.trainer.strategy, FSDPStrategy):
+        if init.restore is not None and isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
             raise NotImplementedError(
                 "init_from restores the AdamW state only for single-device / DDP runs; under FSDP start the cool-down "
                 "on DDP, or resume the phase-1 run with --ckpt_path and a cool-down schedule."
             )
         # The phase-1 AdamW moments carry over (docs/method.md §7: the cool-down loads the optimizer); lr and wd are
         # reset by the schedule at every update, and the step counter starts again at 0.
-        self.trainer.optimizers[0].load_state_dict(init["optimizer_states"][0])
+        if init.restore is not None:
+            init.restore(self.trainer.optimizers[0], self)
         del self._init_from

@@ -5,8 +5,11 @@ noise from ``SeedSequence((seed, index, stream, ...))`` streams, so a subject re
 of workers, the cohort size or the requested modalities. Streams:
 
 - ``ANATOMY_STREAM`` (per subject, reused by every session so follow-ups keep the same anatomy and grow the same
-  lesions): smooth warp, WMH pattern, lesion shapes, texture;
-- ``SESSION_STREAM`` (per session): registration jitter, class-mean jitter, and per contrast bias field and noise.
+  lesions): smooth warp, WMH pattern, lesion shapes, texture, acute infarct shape;
+- ``SESSION_STREAM`` (per session): registration jitter, class-mean jitter (one stream for T1w/T2w/FLAIR, its own
+  for DWI), and per contrast bias field and noise.
+
+Adding DWI to a cohort therefore leaves its T1w/T2w/FLAIR files byte-identical.
 """
 
 from __future__ import annotations
@@ -25,26 +28,37 @@ import torch
 from .anatomy import Jitter, session_state, smooth_warp, warp_atlas
 from .atlas import Atlas, load_atlas
 from .contrast import (
+    DWI_B_VALUE,
     MODALITIES,
+    STRUCTURAL,
     SiteProfile,
     acquire,
     bias_lattice,
+    dwi_signal,
     jittered_means,
     texture_modulation,
     tissue_signal,
 )
 from .fields import torch_generator
 from .grids import GridSpec, grid_name, normalize_grid
-from .labels import SURVIVAL_MODEL, SessionPlan, SubjectPlan, age_factor, resolve_prevalence, sample_subject_labels
+from .labels import (
+    PATHOLOGIES,
+    SURVIVAL_MODEL,
+    SessionPlan,
+    SubjectPlan,
+    age_factor,
+    resolve_prevalence,
+    sample_subject_labels,
+)
 from .nifti import to_int16, write_nifti_gz
 from .pathology import CLASSES, LesionPainter, class_index, wmh_noise
 
 ANATOMY_STREAM = 1
 SESSION_STREAM = 2
 # Purposes within the anatomy stream.
-_WARP, _WMH, _TUMOUR, _HAEMORRHAGE, _INFARCT, _TEXTURE = range(6)
+_WARP, _WMH, _TUMOUR, _HAEMORRHAGE, _INFARCT, _TEXTURE, _ACUTE = range(7)
 # Purposes within a session stream; contrasts use _CONTRAST + index in MODALITIES.
-_JITTER, _MEANS, _CONTRAST = 0, 1, 10
+_JITTER, _MEANS, _DWI_MEANS, _CONTRAST = 0, 1, 2, 10
 TEXTURE_CORRELATION_MM = 1.5
 TUMOUR_TEXTURE_CORRELATION_MM = 4.0
 
@@ -56,9 +70,11 @@ LABEL_COLUMNS: tuple[str, ...] = (
     "tumour",
     "haemorrhage",
     "infarct",
+    "acute_infarct",
     "any_lesion",
     "wmh_volume_ml",
     "tumour_volume_ml",
+    "acute_infarct_volume_ml",
     "survival_time",
     "survival_event",
 )
@@ -74,12 +90,15 @@ class SynthSession:
         images: ``{modality: [D, H, W] float32}`` on the full grid, exactly the values written (int16 scanner units).
         labels: the manifest label columns; lesion volumes are measured on the painted maps (ml).
         tissue: ``{class: [D, H, W] float32}`` fractions (``pathology.CLASSES``) when requested, else None.
+        acute: ``[D, H, W]`` float32 share of each voxel's GM + WM in the hyperacute infarct core (part of those
+            fractions, not a class of its own), when tissue is requested, else None.
     """
 
     session_id: str
     images: dict[str, np.ndarray]
     labels: dict[str, object]
     tissue: dict[str, np.ndarray] | None = None
+    acute: np.ndarray | None = None
 
 
 @dataclass
@@ -129,11 +148,12 @@ def _subject_fields(atlas: Atlas, plan: SubjectPlan, seed: int) -> _SubjectField
 
 def _session_fractions(
     atlas: Atlas, plan: SubjectPlan, session: SessionPlan, number: int, seed: int, fields: _SubjectFields
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, LesionPainter]:
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, LesionPainter, torch.Tensor | None]:
     """Warp the atlas for one session and paint its lesions.
 
     Returns:
-        ``(warped maps {name: [K]}, class fractions [len(CLASSES), K] (zero outside the ICV mask), the painter)``.
+        ``(warped maps {name: [K]}, class fractions [len(CLASSES), K] (zero outside the ICV mask), the painter,
+        the acute infarct core share [K] or None)``.
     """
     index, tumour = plan.index, plan.tumour
     state = session_state(
@@ -160,7 +180,11 @@ def _session_fractions(
         painter.infarct(plan.infarct, plan.infarct.volume_ml[number], _anatomy_generator(seed, index, _INFARCT))
     if fields.wmh_noise is not None:
         painter.wmh(maps["periventricular"], fields.wmh_noise, session.wmh_volume_ml)
-    return maps, fractions, painter
+    acute = None
+    if plan.acute_infarct is not None:  # last: it only takes tissue that is still GM/WM, and changes no fraction
+        lesion = plan.acute_infarct
+        acute = painter.acute_core(lesion, lesion.volume_ml[number], _anatomy_generator(seed, index, _ACUTE))
+    return maps, fractions, painter, acute
 
 
 def _render_session(
@@ -173,11 +197,17 @@ def _render_session(
     modalities: tuple[str, ...],
     return_tissue: bool,
 ) -> SynthSession:
-    maps, fractions, painter = _session_fractions(atlas, plan, session, number, seed, fields)
+    maps, fractions, painter, acute = _session_fractions(atlas, plan, session, number, seed, fields)
     index = plan.index
     site = SiteProfile.draw(seed, plan.site_index)
     means = jittered_means(torch_generator(seed, index, SESSION_STREAM, number, _MEANS))
-    signal = tissue_signal(fractions, maps["t1_detail"], means, modalities)
+    structural = tuple(m for m in modalities if m in STRUCTURAL)
+    rows = [tissue_signal(fractions, maps["t1_detail"], means, structural)] if structural else []
+    if "DWI" in modalities:
+        dwi_means = jittered_means(torch_generator(seed, index, SESSION_STREAM, number, _DWI_MEANS), ("DWI",))
+        rows.append(dwi_signal(fractions, maps["t1_detail"], dwi_means["DWI"], acute)[None])
+    order = [*structural, *(["DWI"] if "DWI" in modalities else [])]
+    signal = torch.cat(rows)[[order.index(m) for m in modalities]]
     signal.mul_(texture_modulation(fields.texture, fields.tumour_texture, fractions[class_index("tumour")]))
     signal.clamp_(min=0.0)
     generators = [
@@ -193,15 +223,21 @@ def _render_session(
     labels = plan.session_labels(session)
     labels["wmh_volume_ml"] = round(painter.volume_ml("wmh"), 3)
     labels["tumour_volume_ml"] = round(painter.volume_ml("tumour"), 3)
+    if acute is not None:
+        healthy = fractions[class_index("gm")] + fractions[class_index("wm")]
+        labels["acute_infarct_volume_ml"] = round(float((acute * healthy).double().sum()) * atlas.voxel_ml, 3)
     tissue = {name: atlas.to_full(fractions[class_index(name)]) for name in CLASSES} if return_tissue else None
-    return SynthSession(session_id=session.session_id, images=images, labels=labels, tissue=tissue)
+    acute_full = None
+    if return_tissue:
+        acute_full = atlas.to_full(acute) if acute is not None else np.zeros(atlas.shape, dtype=np.float32)
+    return SynthSession(session_id=session.session_id, images=images, labels=labels, tissue=tissue, acute=acute_full)
 
 
 def iter_sessions(
     plan: SubjectPlan,
     seed: int,
     grid: GridSpec = "mni",
-    modalities: Sequence[str] = MODALITIES,
+    modalities: Sequence[str] = STRUCTURAL,
     return_tissue: bool = False,
 ) -> Iterator[SynthSession]:
     """Render the sessions of a planned subject one at a time (baseline first); see ``generate_subject``."""
@@ -216,7 +252,7 @@ def generate_subject(
     seed: int,
     index: int,
     grid: GridSpec = "mni",
-    modalities: Sequence[str] = MODALITIES,
+    modalities: Sequence[str] = STRUCTURAL,
     n_sites: int = 3,
     sessions: tuple[int, int] = (1, 3),
     prevalence: dict[str, float] | None = None,
@@ -229,7 +265,7 @@ def generate_subject(
         seed: cohort seed.
         index: 0-based subject index.
         grid: ``"mni"`` (182x218x182, 1 mm), ``"model"`` (96x108x96) or ``(D, H, W)``.
-        modalities: contrasts to render, a subset of ``("T1w", "T2w", "FLAIR")``.
+        modalities: contrasts to render, a subset of ``("T1w", "T2w", "FLAIR", "DWI")``.
         n_sites, sessions, prevalence: cohort options, see ``labels.sample_subject_labels``.
         return_tissue: also return the class fractions of every session (``pathology.CLASSES``).
         wmh_scale: WMH volume multiplier, see ``labels.sample_subject_labels``.
@@ -247,7 +283,10 @@ def generate_subject(
 
 
 def scan_path(subject_id: str, session_id: str, modality: str) -> str:
-    """Relative BIDS-like path of one scan: ``sub-XXXX/ses-YY/anat/sub-XXXX_ses-YY_<modality>.nii.gz``."""
+    """Relative BIDS-like path of one scan: ``sub-XXXX/ses-YY/anat/sub-XXXX_ses-YY_<modality>.nii.gz``, and for DWI
+    (one 3-D b = 1000 trace image) ``sub-XXXX/ses-YY/dwi/sub-XXXX_ses-YY_dwi.nii.gz``."""
+    if modality == "DWI":
+        return f"{subject_id}/{session_id}/dwi/{subject_id}_{session_id}_dwi.nii.gz"
     return f"{subject_id}/{session_id}/anat/{subject_id}_{session_id}_{modality}.nii.gz"
 
 
@@ -293,7 +332,7 @@ def _write_subject(task: _CohortTask, index: int) -> tuple[list[dict[str, object
         "age": round(plan.sessions[0].age, 2),
         "sex": plan.sex,
         "site": plan.site,
-        **{name: plan.flags[name] for name in ("wmh", "tumour", "haemorrhage", "infarct")},
+        **{name: plan.flags[name] for name in PATHOLOGIES},
         "n_sessions": len(plan.sessions),
         "survival_time": plan.survival_time,
         "survival_event": plan.survival_event,
@@ -323,6 +362,11 @@ def _description(task: _CohortTask, n_subjects: int) -> dict[str, object]:
             "prevalence": task.prevalence,
             "wmh_scale": task.wmh_scale,
             "intensity_units": "int16, signal x site gain x 1000, no scaling",
+            **(
+                {"dwi": {"b_value_s_per_mm2": DWI_B_VALUE, "image": "trace, S0 * exp(-b * ADC)"}}
+                if "DWI" in task.modalities
+                else {}
+            ),
             "survival_model": {
                 "log_hazard_per_day": "b0 + b_age*age_z + b_tumour*tumour + b_volume*tumour_volume_z",
                 "b0": survival.log_baseline_hazard_per_day,
@@ -344,7 +388,7 @@ def generate_cohort(
     out_dir: str | Path,
     n_subjects: int,
     seed: int = 0,
-    modalities: Sequence[str] = MODALITIES,
+    modalities: Sequence[str] = STRUCTURAL,
     grid: GridSpec = "mni",
     n_sites: int = 3,
     sessions: tuple[int, int] = (1, 3),
@@ -359,7 +403,7 @@ def generate_cohort(
         out_dir: output folder (created; existing files with the same names are overwritten).
         n_subjects: number of subjects (patients); sessions per subject follow ``sessions``.
         seed: cohort seed; the same seed gives byte-identical files.
-        modalities: contrasts to write.
+        modalities: contrasts to write (default T1w, T2w, FLAIR; ``"DWI"`` adds the b = 1000 trace image).
         grid: ``"mni"`` (FSL MNI152 1 mm, 182x218x182), ``"model"`` (96x108x96) or ``(D, H, W)``.
         n_sites: acquisition sites (contrast curve, gain, noise, bias field and resolution differ per site).
         sessions: ``(min, max)`` sessions per subject.

@@ -13,6 +13,11 @@ Survival follows a KNOWN proportional-hazards model (exponential, time in days f
 
 with independent exponential censoring (mean 10 years) and administrative censoring at 10 years after the baseline
 scan. Follow-up sessions happen only before the event/censoring time, and each session row carries the remaining time.
+
+Acute (hyperacute, < 4.5 h) ischaemic infarcts are the lesion of stroke cohorts, not an incidental finding, so their
+default prevalence is 0 (``prevalence={"acute_infarct": 0.5}`` builds a stroke cohort). Their draws come after every
+other draw of the subject's stream, so asking for them changes no other label; a subject with one is scanned at
+admission only (SynthBrain does not model the lesion's evolution into a chronic infarct).
 """
 
 from __future__ import annotations
@@ -24,8 +29,16 @@ import numpy as np
 
 DAYS_PER_YEAR = 365.25
 AGE_RANGE = (20.0, 90.0)
-DEFAULT_PREVALENCE: dict[str, float] = {"wmh": 0.35, "tumour": 0.40, "haemorrhage": 0.15, "infarct": 0.15}
-PATHOLOGIES: tuple[str, ...] = ("wmh", "tumour", "haemorrhage", "infarct")
+DEFAULT_PREVALENCE: dict[str, float] = {
+    "wmh": 0.35,
+    "tumour": 0.40,
+    "haemorrhage": 0.15,
+    "infarct": 0.15,
+    "acute_infarct": 0.0,
+}
+PATHOLOGIES: tuple[str, ...] = ("wmh", "tumour", "haemorrhage", "infarct", "acute_infarct")
+"""Label columns of the pathologies; ``infarct`` is a chronic (cystic) infarct, ``acute_infarct`` a hyperacute one
+(bright on DWI only: the DWI-FLAIR mismatch of the first hours)."""
 # Stream ids of numpy.random.SeedSequence((seed, index, stream, ...)); the renderer uses others (cohort.py).
 LABEL_STREAM = 0
 
@@ -47,6 +60,9 @@ INFARCT_SITES_MM = (
     (-8.0, 30.0, 42.0),
 )
 SITE_JITTER_MM = 4.0
+# Median nominal volume of an acute ischaemic core (lognormal, sd 0.7 in log space, clipped to 2..80 ml): the order of
+# the DWI lesion volumes of stroke-unit admissions.
+ACUTE_INFARCT_MEDIAN_ML = 15.0
 
 
 @dataclass(frozen=True)
@@ -123,8 +139,9 @@ class SubjectPlan:
         sex: ``"M"`` or ``"F"`` (no effect on the images: all scans are registered to MNI, which removes head size).
         site: ``"site-0"`` .. ``"site-{K-1}"``; site_index its number.
         atrophy_rate: subject multiplier of the age effect on ventricles and cortex (lognormal, 0.6..1.6).
-        flags: ``{"wmh", "tumour", "haemorrhage", "infarct"} -> 0/1``.
+        flags: ``{"wmh", "tumour", "haemorrhage", "infarct", "acute_infarct"} -> 0/1``.
         tumour, haemorrhage, infarct: ``Lesion`` or None; wmh_volume_ml per session lives in ``sessions``.
+        acute_infarct: the hyperacute ischaemic core (``Lesion``, no halo) or None.
         survival_time, survival_event: from the baseline scan (days, 0/1).
         sessions: the sessions, baseline first.
     """
@@ -142,6 +159,7 @@ class SubjectPlan:
     survival_time: float
     survival_event: int
     sessions: tuple[SessionPlan, ...] = field(default_factory=tuple)
+    acute_infarct: Lesion | None = None
 
     def session_labels(self, session: SessionPlan) -> dict[str, object]:
         """The manifest label columns of one session (nominal lesion volumes)."""
@@ -153,6 +171,7 @@ class SubjectPlan:
             "any_lesion": int(any(self.flags.values())),
             "wmh_volume_ml": session.wmh_volume_ml,
             "tumour_volume_ml": session.tumour_volume_ml,
+            "acute_infarct_volume_ml": self.acute_infarct.volume_ml[0] if self.acute_infarct is not None else 0.0,
             "survival_time": session.survival_time,
             "survival_event": session.survival_event,
         }
@@ -237,7 +256,8 @@ def sample_subject_labels(
         sessions: ``(min, max)`` planned sessions per subject; follow-ups fall 0.5-2.5 years apart and are dropped
             after the event/censoring time or beyond age 90.
         prevalence: pathology prevalences (defaults ``DEFAULT_PREVALENCE``); WMH probability rises with age around
-            its mean prevalence: ``p = prevalence * (0.3 + 1.4 * age_factor)``, clipped to [0, 1].
+            its mean prevalence: ``p = prevalence * (0.3 + 1.4 * age_factor)``, clipped to [0, 1]. A subject with an
+            acute infarct keeps its baseline session only.
         survival: the hazard model.
         wmh_scale: multiplies every WMH volume (the 80 ml cap too); > 1 builds a WMH-detection task where FLAIR
             carries a clear signal (the multimodal experiments use 4). Changes no other draw.
@@ -289,10 +309,16 @@ def sample_subject_labels(
     time = max(1.0, math.ceil(min(event_time, censor_time)))
     event = int(event_time <= censor_time)
 
+    # Drawn last, so that a stroke cohort (acute_infarct > 0) keeps every other label of the same seed unchanged.
+    flags["acute_infarct"] = int(rng.random() < rates["acute_infarct"])
+    acute_volume = float(np.clip(np.exp(rng.normal(math.log(ACUTE_INFARCT_MEDIAN_ML), 0.7)), 2.0, 80.0))
+    acute = _lesion(rng, INFARCT_SITES_MM, (round(acute_volume, 3),), 0.0, 0.35)
+
     plans = []
     for k, (offset, volume_wmh, volume_tumour) in enumerate(zip(offsets, wmh_volumes, tumour_volumes)):
         age = float(age0 + offset / DAYS_PER_YEAR)
-        if k > 0 and (offset >= time - 1 or age > AGE_RANGE[1]):
+        # An acute stroke is scanned at admission only: its evolution into a chronic infarct is not modelled.
+        if k > 0 and (offset >= time - 1 or age > AGE_RANGE[1] or flags["acute_infarct"]):
             break
         plans.append(
             SessionPlan(
@@ -319,4 +345,5 @@ def sample_subject_labels(
         survival_time=float(time),
         survival_event=event,
         sessions=tuple(plans),
+        acute_infarct=acute if flags["acute_infarct"] else None,
     )

@@ -13,6 +13,11 @@ Classes and where they come from:
 - ``tumour`` (core) in any intracranial tissue, ``oedema`` around it in WM (and a little GM), after mass effect;
 - ``haemorrhage`` in GM/WM with a thin ``oedema`` rim;
 - ``infarct`` (cystic core) at the cortex/WM junction with a ``gliosis`` rim.
+
+The hyperacute ischaemic core (``LesionPainter.acute_core``) is no class: in the first hours an infarct is still GM/WM
+on T1w, T2w and FLAIR (the DWI-FLAIR mismatch), and only its diffusion is restricted. It is painted by the same rule
+into a separate map (the fraction of each voxel's GM/WM that is acute core) which only the DWI contrast reads, so
+rendering it changes no class fraction.
 """
 
 from __future__ import annotations
@@ -162,6 +167,36 @@ class LesionPainter:
         ids = atlas.point_of_voxel[region].reshape(-1)
         return ids[ids >= 0]
 
+    def _core(
+        self,
+        lesion: Lesion,
+        volume_ml: float,
+        core_sources: tuple[str, ...],
+        roughness: float,
+        generator: torch.Generator,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The core of a focal lesion (score: rough ellipsoid), not yet applied to the fractions.
+
+        Returns:
+            ``(ids [n], local fractions [len(CLASSES), n], amount [n], noise [2, n], distance [n])``: the points near
+            the lesion, their fractions, the share of the ``core_sources`` tissue that becomes core, the two
+            lesion noise channels and the normalised ellipsoid distance.
+        """
+        radius = radius_mm(volume_ml)
+        # Bounds from the largest session volume, so every session samples the same noise lattice.
+        largest = radius_mm(max(lesion.volume_ml)) * (1.0 + max(lesion.halo_ratio, 0.0)) ** (1.0 / 3.0)
+        reach = 1.7 * largest * max(lesion.axes) + 6.0
+        ids = self._local_points(lesion.centre_mm, reach)
+        points = self.atlas.point_world[ids]
+        centre = np.array(lesion.centre_mm)
+        noise = noise_at_points(points, centre - reach, centre + reach, 0.35 * largest, generator, channels=2)
+        distance = ellipsoid_distance(points, lesion) / radius
+        local = self.fractions[:, ids]
+        capacity = sum(local[class_index(name)] for name in core_sources)
+        voxels = volume_ml / self.atlas.voxel_ml
+        amount = paint(roughness * noise[0] - distance, capacity, voxels, softness=0.12)  # type: ignore[arg-type]
+        return ids, local, amount, noise, distance
+
     def _focal(
         self,
         lesion: Lesion,
@@ -178,19 +213,8 @@ class LesionPainter:
         in finger-like extensions instead of forming a uniform ring."""
         if volume_ml <= 0:
             return
-        radius = radius_mm(volume_ml)
-        # Bounds from the largest session volume, so every session samples the same noise lattice.
-        largest = radius_mm(max(lesion.volume_ml)) * (1.0 + max(lesion.halo_ratio, 0.0)) ** (1.0 / 3.0)
-        reach = 1.7 * largest * max(lesion.axes) + 6.0
-        ids = self._local_points(lesion.centre_mm, reach)
-        points = self.atlas.point_world[ids]
-        centre = np.array(lesion.centre_mm)
-        noise = noise_at_points(points, centre - reach, centre + reach, 0.35 * largest, generator, channels=2)
-        distance = ellipsoid_distance(points, lesion) / radius
-        local = self.fractions[:, ids]
-        capacity = sum(local[class_index(name)] for name in core_sources)
+        ids, local, amount, noise, distance = self._core(lesion, volume_ml, core_sources, roughness, generator)
         voxels = volume_ml / self.atlas.voxel_ml
-        amount = paint(roughness * noise[0] - distance, capacity, voxels, softness=0.12)  # type: ignore[arg-type]
         take(local, core, amount, dict.fromkeys(core_sources, 1.0))
         halo_voxels = lesion.halo_ratio * voxels
         if halo_voxels > 0:
@@ -212,6 +236,22 @@ class LesionPainter:
     def infarct(self, lesion: Lesion, volume_ml: float, generator: torch.Generator) -> None:
         """Chronic infarct: cystic core in GM/WM with a gliotic rim."""
         self._focal(lesion, volume_ml, "infarct", ("gm", "wm"), "gliosis", 0.35, generator)
+
+    def acute_core(self, lesion: Lesion, volume_ml: float, generator: torch.Generator) -> torch.Tensor:
+        """Hyperacute ischaemic core of ``volume_ml`` in GM/WM (infarct-like shape), leaving the fractions unchanged.
+
+        Call it after every class lesion is painted, so that the core only takes tissue that is still GM/WM.
+
+        Returns:
+            ``[K]`` float32: the fraction of each point's GM + WM that is acute core (0..1); its capacity-weighted sum
+            is ``volume_ml`` in voxels.
+        """
+        acute = torch.zeros(self.atlas.n_points, dtype=torch.float32)
+        if volume_ml <= 0:
+            return acute
+        ids, _, amount, _, _ = self._core(lesion, volume_ml, ("gm", "wm"), 0.35, generator)
+        acute[ids] = amount
+        return acute
 
     def volume_ml(self, name: str) -> float:
         """Painted volume of one class in ml."""

@@ -42,11 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="neurojepa synth",
         description=(
             "Generate a SynthBrain cohort from nilearn's packaged MNI ICBM152 2009a maps (no download): "
-            "skull-stripped, MNI-registered T1w/T2w/FLAIR with atrophy, WMH, tumour (oedema, mass effect), "
-            "haemorrhage, infarct, site effects and survival from a known hazard. Writes "
-            "sub-XXXX/ses-YY/anat/sub-XXXX_ses-YY_<contrast>.nii.gz (int16), participants.tsv, "
-            "dataset_description.json and manifest.csv (one row per scan, paths relative to it). "
-            "The same seed gives byte-identical files."
+            "skull-stripped, MNI-registered T1w/T2w/FLAIR (and DWI, b=1000 trace) with atrophy, WMH, tumour "
+            "(oedema, mass effect), haemorrhage, chronic and acute infarcts, site effects and survival from a known "
+            "hazard. Writes sub-XXXX/ses-YY/anat/sub-XXXX_ses-YY_<contrast>.nii.gz (DWI: dwi/..._dwi.nii.gz; int16), "
+            "participants.tsv, dataset_description.json and manifest.csv (one row per scan, paths relative to it). "
+            "The same seed gives byte-identical files, and adding DWI leaves the other contrasts' files unchanged."
         ),
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--modalities",
         nargs="+",
         default=["T1w", "T2w", "FLAIR"],
-        choices=["T1w", "T2w", "FLAIR"],
-        help="contrasts to write (default: all three)",
+        choices=["T1w", "T2w", "FLAIR", "DWI"],
+        help="contrasts to write (default T1w T2w FLAIR; DWI adds the b=1000 trace image, where acute infarcts are "
+        "bright and CSF dark: the contrast absent from pretraining)",
     )
     parser.add_argument(
         "--grid",
@@ -81,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="NAME=P",
-        help="pathology prevalences, e.g. tumour=0.4 wmh=0.35 haemorrhage=0.15 infarct=0.15 (these are the defaults)",
+        help="pathology prevalences, e.g. tumour=0.4 wmh=0.35 haemorrhage=0.15 infarct=0.15 acute_infarct=0 (these "
+        "are the defaults; acute_infarct > 0 makes a stroke cohort: hyperacute infarcts, visible on DWI only)",
     )
     parser.add_argument(
         "--wmh-scale",
@@ -95,6 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--split", action="store_true", help="add a patient-level 60/20/20 train/val/test split column")
     parser.add_argument(
+        "--holdout-site",
+        default=None,
+        metavar="SITE",
+        help="also write a site-shift transfer pair beside manifest.csv: manifest_source.csv (the other sites, "
+        "patient-level 60/20/20 split) and manifest_holdout_<SITE>.csv (that site, all test), e.g. site-2",
+    )
+    parser.add_argument(
+        "--stratify",
+        default=None,
+        metavar="COLUMN",
+        help="with --holdout-site: stratify the source split by this label column (e.g. tumour)",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=None,
@@ -106,7 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.stratify is not None and args.holdout_site is None:
+        parser.error("--stratify applies to the site-shift pair; add --holdout-site SITE")
     from neurojepa_pl.synth import generate_cohort
     from neurojepa_pl.synth.grids import grid_name
 
@@ -126,6 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             split=args.split,
             wmh_scale=args.wmh_scale,
         )
+        pair = None
+        if args.holdout_site is not None:
+            from neurojepa_pl.synth.site_shift import write_site_shift_manifests
+
+            pair = write_site_shift_manifests(
+                os.path.join(args.out, "manifest.csv"), args.holdout_site, seed=args.seed, stratify=args.stratify
+            )
     except ValueError as err:
         print(f"neurojepa synth: {err}", file=sys.stderr)
         return 2
@@ -135,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"SynthBrain: {args.subjects} subjects, {sessions} sessions, {len(manifest)} scans, grid "
         f"{grid_name(args.grid)}, seed {args.seed}, {workers} workers -> {args.out}/manifest.csv in {seconds:.1f} s"
     )
+    if pair is not None:
+        print(f"site-shift pair: source {pair[0]}, held-out site {args.holdout_site}: {pair[1]}")
     return 0
 
 

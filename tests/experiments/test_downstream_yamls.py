@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from downstream_tiny import tiny_overrides
 
 from neurojepa_pl.cli import lightning_main
@@ -29,13 +30,31 @@ def test_all_downstream_yamls_are_collected():
         "synth_tumour_fewshot.yaml",
         "synth_survival.yaml",
         "neurojepa_tte.yaml",
+        "synth_infarct_dwi.yaml",
     } <= names
+
+
+def _data_modality(config: Path) -> str | None:
+    return ((yaml.safe_load(config.read_text()).get("data") or {}).get("init_args") or {}).get("modality")
+
+
+@pytest.fixture(scope="module")
+def dwi_cohort(tmp_path_factory) -> Path:
+    """A 12-subject stroke cohort with DWI (half with an acute infarct) for the YAMLs that train on DWI."""
+    from neurojepa_pl.synth import generate_cohort
+
+    out = tmp_path_factory.mktemp("synthbrain_dwi")
+    generate_cohort(out, n_subjects=12, seed=0, grid=(48, 54, 48), modalities=("FLAIR", "DWI"),
+                    prevalence={"acute_infarct": 0.5})  # fmt: skip
+    return out / "manifest.csv"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", DOWNSTREAM_YAMLS, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_yaml_fits_and_tests_on_tiny_cohort(config, synth_cohort, tmp_path, monkeypatch):
+def test_yaml_fits_and_tests_on_tiny_cohort(config, synth_cohort, request, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative runs/ and cache/ folders of the YAML land in the test's folder
+    if _data_modality(config) == "DWI":  # the session cohort has no DWI (it is not a pretraining contrast)
+        synth_cohort = request.getfixturevalue("dwi_cohort")
     out = tmp_path / "report"
     cli = lightning_main(
         [

@@ -50,16 +50,25 @@ def tiny_args(manifest: str, tmp_path: Path, encoder: str = "vit_tiny_moe") -> l
     ]
 
 
-def _model_init_args(configs) -> dict:
+def _model_init_args(configs, section: str = "model") -> dict:
     merged = {}
     for config in configs:
-        merged.update(((yaml.safe_load(config.read_text()) or {}).get("model") or {}).get("init_args") or {})
+        merged.update(((yaml.safe_load(config.read_text()) or {}).get(section) or {}).get("init_args") or {})
     return merged
 
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> str:
     return write_tiny_cohort(tmp_path_factory.mktemp("cohort"), n_scans=8)
+
+
+SUBSET_COHORT_SCANS = 20
+"""The data-fraction ablations keep ceil(f x 20) patients: even 10% fills a batch of 2."""
+
+
+@pytest.fixture(scope="module")
+def subset_manifest(tmp_path_factory) -> str:
+    return write_tiny_cohort(tmp_path_factory.mktemp("cohort20"), n_scans=SUBSET_COHORT_SCANS)
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +93,13 @@ def phase1_checkpoint(tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize("configs", CONFIG_STACKS, ids=lambda stack: "+".join(p.stem for p in stack))
-def test_pretraining_yaml_runs_at_tiny_size(configs, manifest, phase1_checkpoint, tmp_path):
+def test_pretraining_yaml_runs_at_tiny_size(configs, manifest, subset_manifest, phase1_checkpoint, tmp_path):
     init_args = _model_init_args(configs)
+    data_args = _model_init_args(configs, "data")
+    fraction = data_args.get("subset_fraction", 1.0)
+    cohort = subset_manifest if fraction < 1.0 else manifest
     encoder = "vit_tiny" if "moe" not in init_args.get("encoder", "vit_base_moe") else "vit_tiny_moe"
-    args = ["fit", *[a for c in configs for a in ("--config", str(c))], *tiny_args(manifest, tmp_path, encoder)]
+    args = ["fit", *[a for c in configs for a in ("--config", str(c))], *tiny_args(cohort, tmp_path, encoder)]
     if init_args.get("init_from"):
         args += ["--model.init_args.init_from", phase1_checkpoint]
 
@@ -100,6 +112,13 @@ def test_pretraining_yaml_runs_at_tiny_size(configs, manifest, phase1_checkpoint
         if key in init_args:
             assert module.hparams[key] == init_args[key]
     assert bool(module.context_encoder.moe_layers()) == (encoder == "vit_tiny_moe")
+    moe = (init_args.get("encoder_overrides") or {}).get("moe")
+    if moe:  # the experts / top-k ablations reach every MoE layer of the tiny encoder
+        for layer in module.context_encoder.moe_layers():
+            assert (layer.config.num_experts, layer.config.top_k) == (moe["num_experts"], moe["top_k"])
+    if fraction < 1.0:  # the data-fraction ablations pretrain on ceil(f x patients) patients
+        train = cli.datamodule.datasets["train"]
+        assert len(train) == math.ceil(fraction * SUBSET_COHORT_SCANS)
     if init_args.get("init_from"):  # the cool-down started from phase 1: step counter restarted, lr decaying
         assert module.schedule.at(1).lr < init_args["lr_peak"]
 
@@ -110,7 +129,19 @@ def test_base_yaml_prints_its_config(capsys):
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"] == "neurojepa_pl.modules.pretrain.JEPAPretrainModule"
-    assert printed["model"]["init_args"]["encoder"] == "vit_base_moe"
+    # The presets are printed expanded (docs/method.md §9.4): the config describes the run by itself.
+    encoder = printed["model"]["init_args"]["encoder"]
+    assert encoder["preset"] == "vit_base_moe"
+    assert encoder["moe"] == {"num_experts": 16, "top_k": 6, "expert_hidden": 384, "shared_hidden": 768,
+                              "route_scale": 4.0}  # fmt: skip
+    assert (encoder["embed_dim"], encoder["depth"], encoder["num_heads"]) == (768, 12, 12)
+    assert encoder["moe_block_indices"] == [1, 3, 5, 7, 9, 11]
+    assert printed["model"]["init_args"]["predictor"]["embed_dim"] == 384
+    masking = printed["data"]["init_args"]["masking"]
+    assert masking["preset"] == "multiscale"
+    assert [(g["kind"], g["num_blocks"], g["spatial_scale"]) for g in masking["generators"]] == [
+        ("multiscale", 32, [0.0, 0.2]), ("multiscale", 16, [0.2, 0.5]), ("multiscale", 4, [0.5, 0.7])
+    ]  # fmt: skip
     assert printed["data"]["init_args"]["batch_size"] == 48
     assert printed["trainer"]["limit_train_batches"] == 1600
 

@@ -124,6 +124,22 @@ def test_gradients_are_clipped_and_the_pre_clip_norm_logged(tmp_path):
     assert float(trainer.callback_metrics["train/lr"]) == pytest.approx(module.schedule.at(1).lr)
 
 
+def test_collapse_indicators_are_logged_once_at_their_own_steps(tmp_path):
+    # self.log(on_step=True) on only some steps made Lightning rewrite the last value at every later flush:
+    # TensorBoard showed each value twice, at the wrong steps. They now go to the loggers once, at their step.
+    import pandas as pd
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = tiny_module(collapse_every_n_steps=4)
+    trainer = tiny_trainer(tmp_path, max_steps=10, logger=CSVLogger(tmp_path), log_every_n_steps=3)
+    trainer.fit(module, datamodule=TinyJEPAData(n=4, batch_size=2))
+    table = pd.read_csv(next(tmp_path.rglob("metrics.csv")))
+    for name in ("train/target_std", "train/target_effective_rank"):
+        rows = table.dropna(subset=[name])
+        assert rows["step"].tolist() == [0, 4, 8], rows
+        assert rows[name].is_unique
+
+
 def test_patchify_puts_each_token_s_voxels_in_its_row():
     images = torch.arange(2 * 1 * 4 * 6 * 4, dtype=torch.float32).reshape(2, 1, 4, 6, 4)
     patches = patchify(images, (2, 3, 2))  # patch 2x2x2, 12 tokens of 8 voxels

@@ -162,6 +162,38 @@ def test_missing_ants_is_a_clear_error_and_the_cli_runs_without_it(tmp_path, raw
     assert len(pd.read_csv(tmp_path / "y" / "manifest.csv")) == 4
 
 
+def test_resampling_step_matches_monai_spacing_through_the_cli(tmp_path, raw_cohort, capsys):
+    import torch
+    from monai.transforms import EnsureChannelFirstd, LoadImaged, Spacingd
+
+    from neurojepa_pl.cli import main
+
+    manifest = tmp_path / "manifest.csv"
+    raw_cohort.to_csv(manifest, index=False)
+    argv = ["preprocess", str(manifest), "--out", str(tmp_path / "out"), "--registration", "none",
+            "--no-bias-correction", "--skull-strip", "none", "--target-spacing", "1", "1.5", "1", "--device", "cpu",
+            "--workers", "2"]  # fmt: skip
+    assert main(argv) == 0
+    result = pd.read_csv(tmp_path / "out" / "manifest.csv")
+    status = read_status(tmp_path / "out")
+    assert len(result) == 4 and set(status["steps"]) == {"reorient+resample"}
+    for raw, written in zip(raw_cohort["path"], result["path"]):
+        image = nib.load(str(tmp_path / "out" / written))
+        assert nib.aff2axcodes(image.affine) == ("R", "A", "S")
+        np.testing.assert_allclose(image.header.get_zooms(), (1.0, 1.5, 1.0), atol=1e-6)
+        assert image.shape == (11, 9, 15)  # 6x7x8 voxels of 2 mm: MONAI's grid spans the voxel centres
+        # the same as MONAI's Spacingd (order 5, border) on the reoriented scan
+        reoriented = tmp_path / "ras.nii.gz"
+        reorient_to_ras(Path(raw), reoriented, "T1w")
+        data = EnsureChannelFirstd("image")(LoadImaged("image", image_only=True)({"image": str(reoriented)}))
+        expected = Spacingd("image", pixdim=(1.0, 1.5, 1.0), mode=5, padding_mode="border")(data)["image"]
+        assert float(torch.as_tensor(image.get_fdata() - expected[0].numpy()).abs().max()) < 1e-4
+    if not torch.cuda.is_available():
+        capsys.readouterr()
+        assert main([*argv[:3], str(tmp_path / "gpu"), *argv[4:-4], "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
 def test_real_ants_n4_and_affine_recover_a_moved_template(tmp_path):
     pytest.importorskip("ants")
     from scipy.spatial.transform import Rotation

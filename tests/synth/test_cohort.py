@@ -222,3 +222,86 @@ def test_warp_guard_refuses_a_brain_leaving_the_synthesis_points(monkeypatch):
     state = anatomy.session_state(atlas, warp, shift, 0.0, 1.0)
     with pytest.raises(RuntimeError, match="outermost synthesis points"):
         anatomy.warp_atlas(atlas, state)
+
+
+STROKE = {"acute_infarct": 1.0, "infarct": 1.0, "wmh": 1.0}
+
+
+@pytest.fixture(scope="module")
+def stroke_subjects():
+    """Three subjects of a stroke cohort (every one with an acute and a chronic infarct and WMH), with DWI."""
+    return [
+        generate_subject(
+            0, i, grid=TINY_GRID, modalities=("T1w", "FLAIR", "DWI"), prevalence=STROKE, return_tissue=True
+        )
+        for i in range(3)
+    ]
+
+
+def test_dwi_tissue_ordering_of_a_b1000_trace(stroke_subjects):
+    for subject in stroke_subjects:
+        session = subject.sessions[0]
+        tissue, acute, dwi = session.tissue, session.acute, session.images["DWI"]
+        lesion = sum(tissue[k] for k in ("wmh", "tumour", "oedema", "haemorrhage", "infarct", "gliosis"))
+        clean = (lesion < 0.05) & (acute < 0.01)
+        means = {k: float(dwi[(tissue[k] > 0.5) & clean].mean()) for k in ("gm", "wm", "csf")}
+        means["acute"] = float((dwi * acute).sum() / acute.sum())  # acute-core-weighted mean
+        means["chronic infarct"] = float(dwi[tissue["infarct"] > 0.5].mean())
+        means["gliosis"] = float(dwi[tissue["gliosis"] > 0.5].mean())
+        parenchyma = max(means["gm"], means["wm"])
+        # GM ~ WM moderate, CSF very dark, the acute core very bright, chronic lesions not bright.
+        assert 0.75 < means["gm"] / means["wm"] < 1.33, (subject.subject_id, means)
+        assert means["csf"] < 0.5 * min(means["gm"], means["wm"]), (subject.subject_id, means)
+        assert means["acute"] > 1.35 * parenchyma, (subject.subject_id, means)
+        assert means["chronic infarct"] < 0.6 * means["wm"] and means["gliosis"] < 1.1 * parenchyma, means
+
+
+def test_acute_infarct_is_invisible_on_flair_and_t1w(stroke_subjects):
+    # The DWI-FLAIR mismatch of the first hours: the core is still GM/WM on the structural contrasts.
+    for subject in stroke_subjects:
+        session = subject.sessions[0]
+        acute = session.acute
+        for modality in ("T1w", "FLAIR"):
+            image = session.images[modality]
+            tissue = session.tissue
+            healthy = tissue["gm"] + tissue["wm"]
+            near = (acute < 0.01) & (healthy > 0.9)
+            core = (image * acute).sum() / acute.sum()
+            assert 0.75 < core / image[near].mean() < 1.3, (subject.subject_id, modality)
+
+
+def test_acute_infarct_labels(stroke_subjects):
+    for subject in stroke_subjects:
+        assert len(subject.sessions) == 1  # scanned at admission only
+        labels = subject.sessions[0].labels
+        assert labels["acute_infarct"] == 1 and labels["any_lesion"] == 1
+        nominal = subject.plan.acute_infarct.volume_ml[0]
+        assert labels["acute_infarct_volume_ml"] == pytest.approx(nominal, rel=0.1)
+        voxel_ml = load_atlas(TINY_GRID).voxel_ml
+        session = subject.sessions[0]
+        measured = (session.acute * (session.tissue["gm"] + session.tissue["wm"])).sum() * voxel_ml
+        assert labels["acute_infarct_volume_ml"] == pytest.approx(measured, rel=1e-3)
+
+
+def test_adding_dwi_leaves_the_structural_contrasts_bit_identical(stroke_subjects):
+    for index, with_dwi in enumerate(stroke_subjects[:2]):
+        without = generate_subject(0, index, grid=TINY_GRID, modalities=("T1w", "FLAIR"), prevalence=STROKE)
+        for modality in ("T1w", "FLAIR"):
+            assert np.array_equal(without.sessions[0].images[modality], with_dwi.sessions[0].images[modality])
+    # The same without any acute infarct, for T2w.
+    plain = generate_subject(2, 3, grid=TINY_GRID, modalities=("T2w",))
+    dwi_too = generate_subject(2, 3, grid=TINY_GRID, modalities=("T2w", "DWI"))
+    assert np.array_equal(plain.sessions[0].images["T2w"], dwi_too.sessions[0].images["T2w"])
+    assert set(dwi_too.sessions[0].images) == {"T2w", "DWI"}
+
+
+def test_cohort_writes_dwi_in_its_bids_folder(tmp_path):
+    manifest = generate_cohort(tmp_path, n_subjects=2, seed=1, grid=TINY_GRID, modalities=("T1w", "DWI"))
+    dwi = manifest[manifest["modality"] == "DWI"]
+    assert len(dwi) == manifest["session_id"].groupby(manifest["subject_id"]).nunique().sum()
+    assert all(p.endswith("_dwi.nii.gz") and "/dwi/" in p for p in dwi["path"])
+    image = nib.load(tmp_path / dwi["path"].iloc[0])
+    assert image.shape == TINY_GRID and image.get_data_dtype() == np.int16
+    from neurojepa_pl.data import validate_manifest
+
+    assert not validate_manifest(tmp_path / "manifest.csv", check_readable="header").errors

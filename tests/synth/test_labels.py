@@ -98,3 +98,28 @@ def test_baseline_hazard_matches_its_documented_value():
     # 55-year-old without tumour: mean event time 8 years.
     rate = math.exp(SURVIVAL_MODEL.log_hazard(55.0, 0, 0.0))
     assert 1.0 / rate == pytest.approx(8 * DAYS_PER_YEAR)
+
+
+def test_acute_infarcts_are_off_by_default_and_change_no_other_label():
+    plain = [sample_subject_labels(2, i) for i in range(300)]
+    stroke = [sample_subject_labels(2, i, prevalence={"acute_infarct": 0.5}) for i in range(300)]
+    assert not any(p.flags["acute_infarct"] for p in plain) and all(p.acute_infarct is None for p in plain)
+    acute = np.array([p.flags["acute_infarct"] for p in stroke])
+    assert acute.mean() == pytest.approx(0.5, abs=0.07)
+    for before, after in zip(plain, stroke):
+        assert {k: v for k, v in after.flags.items() if k != "acute_infarct"} == {
+            k: v for k, v in before.flags.items() if k != "acute_infarct"
+        }
+        assert (before.tumour, before.infarct, before.survival_time, before.site) == (
+            after.tumour,
+            after.infarct,
+            after.survival_time,
+            after.site,
+        )
+        if after.flags["acute_infarct"]:
+            # Admission scan only; the baseline session is the one the plain cohort has.
+            assert after.sessions == before.sessions[:1]
+            assert 2.0 <= after.acute_infarct.volume_ml[0] <= 80.0
+            assert after.session_labels(after.sessions[0])["any_lesion"] == 1
+        else:
+            assert after.sessions == before.sessions
