@@ -96,3 +96,18 @@ def check_input_size(encoder: Any, settings: Any, source: str) -> None:
             "--target-spacing the encoder was trained with (SynthBrain demo: --spatial-size 48 54 48 "
             "--resize-to 50 60 50 --pad-crop-size none --target-spacing none).",
         )
+
+
+def report_failed_scans(failures: Any, num_scans: int, max_failed_fraction: float, out: Path) -> None:
+    """Create ``out``, write ``out/skipped_scans.csv`` when scans failed, and stop (a ``UserValueError``) when more
+    than ``max_failed_fraction`` of the ``num_scans`` did (``failures``: a ``datasets.FailureLog``)."""
+    from neurojepa_pl.data_modules.datasets import TooManyFailedScans
+    from neurojepa_pl.errors import UserValueError
+
+    out.mkdir(parents=True, exist_ok=True)
+    if len(failures):
+        failures.write_csv(out / "skipped_scans.csv")
+    try:
+        failures.raise_if_too_many(num_scans, max_failed_fraction, out / "skipped_scans.csv")
+    except TooManyFailedScans as err:
+        raise UserValueError(str(err)) from err

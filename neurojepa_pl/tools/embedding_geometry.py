@@ -180,10 +180,9 @@ def run_geometry(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from neurojepa_pl.analysis.embedding import geometry_figure, silhouette, tsne_projection
-    from neurojepa_pl.data_modules.datasets import FailureLog, ScanFailure, TooManyFailedScans
-    from neurojepa_pl.errors import UserValueError
+    from neurojepa_pl.data_modules.datasets import FailureLog, ScanFailure
     from neurojepa_pl.features import eval_loader, pool_tokens
-    from neurojepa_pl.tools.analysis_common import json_ready, resolve_device
+    from neurojepa_pl.tools.analysis_common import json_ready, report_failed_scans, resolve_device
     from neurojepa_pl.tools.build_cache import settings_from_args
 
     settings = settings_from_args(args)
@@ -209,13 +208,7 @@ def run_geometry(args: argparse.Namespace) -> dict[str, Any]:
             kept += batch["index"].tolist()
             print(f"[embedding-geometry] {len(kept)}/{len(paths)} scans", file=sys.stderr, flush=True)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if len(failures):
-        failures.write_csv(out / "skipped_scans.csv")
-    try:
-        failures.raise_if_too_many(len(paths), args.max_failed_fraction, out / "skipped_scans.csv")
-    except TooManyFailedScans as err:
-        raise UserValueError(str(err)) from err
+    report_failed_scans(failures, len(paths), args.max_failed_fraction, out)
     used = rows.iloc[kept].reset_index(drop=True)
     stacked = {name: np.concatenate(chunks) for name, chunks in features.items()}
 

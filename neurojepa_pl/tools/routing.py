@@ -147,12 +147,12 @@ def run_routing(args: argparse.Namespace) -> dict[str, Any]:
         summarize_routing,
     )
     from neurojepa_pl.data.schema import MODALITIES
-    from neurojepa_pl.data_modules.datasets import FailureLog, ScanFailure, TooManyFailedScans
+    from neurojepa_pl.data_modules.datasets import FailureLog, ScanFailure
     from neurojepa_pl.errors import UserValueError
     from neurojepa_pl.features import eval_loader
     from neurojepa_pl.masks.foreground import foreground_token_map
     from neurojepa_pl.models.vit3d import as_triple
-    from neurojepa_pl.tools.analysis_common import json_ready, resolve_device
+    from neurojepa_pl.tools.analysis_common import json_ready, report_failed_scans, resolve_device
     from neurojepa_pl.tools.build_cache import settings_from_args
 
     if args.batch_size < 1:
@@ -207,13 +207,7 @@ def run_routing(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"[routing] {done}/{len(paths)} scans, {rate:.2f} scans/s", file=sys.stderr, flush=True)
                 last = now
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if len(failures):
-        failures.write_csv(out / "skipped_scans.csv")
-    try:
-        failures.raise_if_too_many(len(paths), args.max_failed_fraction, out / "skipped_scans.csv")
-    except TooManyFailedScans as err:
-        raise UserValueError(str(err)) from err
+    report_failed_scans(failures, len(paths), args.max_failed_fraction, out)
     if acc.num_scans == 0:
         raise UserValueError(f"none of the {len(paths)} scans could be loaded.", f"see {out / 'skipped_scans.csv'}.")
 
