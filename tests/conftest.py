@@ -5,6 +5,7 @@ Tests never download anything: every volume is generated here from nilearn's pac
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,17 @@ def _deterministic_threads():
     # 2-core CI machine: keep intra-op threads bounded so parallel-ish tests stay predictable.
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    # Lightning's launchers and the in-process process-group tests export LOCAL_RANK, NODE_RANK, WORLD_SIZE,
+    # MASTER_PORT, ... into os.environ; left there, a later `neurojepa fit --trainer.devices 2` subprocess believes an
+    # external launcher started it and waits forever for a rank 1 that nobody starts.
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 TINY_GRID = (48, 54, 48)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any
 
@@ -28,3 +29,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# What a launcher (Lightning's, torchrun, SLURM) tells a process about its place in a process group.
+_LAUNCHER_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                       "MASTER_ADDR", "MASTER_PORT")  # fmt: skip
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a fresh ``neurojepa`` subprocess: without launcher variables (a fresh
+    ``MASTER_PORT`` instead) or SLURM/torchelastic ones, ``OMP_NUM_THREADS=1``, plus ``extra``."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in _LAUNCHER_VARIABLES and not key.startswith(("SLURM_", "TORCHELASTIC_", "PL_"))
+    }
+    env.update(OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
+    env.update(extra)
+    return env

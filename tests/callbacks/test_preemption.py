@@ -18,6 +18,7 @@ import torch
 import yaml
 from jepa_tiny import TINY_CLI_GEOMETRY, TinyJEPAData, tiny_module, tiny_trainer, write_tiny_cohort
 from lightning.pytorch.callbacks import ModelCheckpoint
+from trainers import subprocess_env
 
 from neurojepa_pl.callbacks.preemption import PreemptionCheckpoint, find_resume_checkpoint, resume_command
 from neurojepa_pl.checkpoint_io import AtomicCheckpointIO
@@ -199,9 +200,7 @@ TINY_FIT = [
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
-    return env
+    return subprocess_env(PYTHONUNBUFFERED="1", **extra)
 
 
 def _run(command: list[str], cwd: Path, env: dict[str, str], signal_to_send=None, pid_file: Path | None = None):

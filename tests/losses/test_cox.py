@@ -3,7 +3,6 @@ two CPU ranks (gloo)."""
 
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from sksurv.linear_model import CoxPHSurvivalAnalysis
 from sksurv.util import Surv
+from trainers import free_port
 
 from neurojepa_pl.losses.cox import cox_ph_loss, gather_survival_batch
 
@@ -87,12 +87,6 @@ def test_linear_cox_fit_matches_scikit_survival(ties):
 
 
 # ------------------------------------------------------------------------------------------ distributed risk sets
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_worker(rank, world, port, h_all, time_all, event_all, splits, out_dir):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -115,7 +109,7 @@ def test_gathered_risk_sets_across_two_ranks_equal_single_process(tmp_path):
     time = torch.randint(1, 6, (n,), generator=g).double()
     event = (torch.rand(n, generator=g) < 0.6).long()
     splits = [0, 6, 11]  # unequal local batch sizes, as in the last batch of an epoch
-    mp.spawn(_rank_worker, args=(2, _free_port(), h, time, event, splits, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_worker, args=(2, free_port(), h, time, event, splits, str(tmp_path)), nprocs=2, join=True)
 
     ref_h = h.clone().requires_grad_()
     ref_loss = cox_ph_loss(ref_h, time, event)

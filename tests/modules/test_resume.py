@@ -18,7 +18,7 @@ import torch
 import yaml
 from jepa_tiny import TINY_CLI_GEOMETRY, TINY_DATA_ARGS, tiny_module, tiny_trainer, write_tiny_cohort
 from lightning.pytorch.callbacks import ModelCheckpoint
-from trainers import free_port
+from trainers import subprocess_env
 
 from neurojepa_pl.data_modules.pretrain import PretrainDataModule
 
@@ -128,8 +128,7 @@ def _fit(
     args += list(extra)
     if ckpt_path is not None:
         args += ["--ckpt_path", str(ckpt_path)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    env["MASTER_PORT"] = str(free_port())  # not one an earlier in-process DDP test left in os.environ
+    env = subprocess_env(PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     # `python -m neurojepa_pl` (= `neurojepa`): Lightning's DDP launcher starts the other ranks with the same command
     return subprocess.run(
         [sys.executable, "-m", "neurojepa_pl", *args],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from jepa_tiny import TINY_CLI_GEOMETRY, write_tiny_cohort
-from trainers import free_port
+from trainers import subprocess_env
 
 from neurojepa_pl.cli import lightning_main, main
 
@@ -92,8 +91,7 @@ def test_fit_from_shards_on_two_gloo_processes(tmp_path):
         "--trainer.enable_checkpointing",
         "false",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    env["MASTER_PORT"] = str(free_port())  # not one an earlier in-process DDP test left in os.environ
+    env = subprocess_env(PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     run = subprocess.run([sys.executable, "-m", "neurojepa_pl", *words], capture_output=True, text=True,
                          timeout=600, env=env, cwd=tmp_path)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]

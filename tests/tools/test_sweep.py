@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from trainers import subprocess_env
 
 from neurojepa_pl.errors import UserValueError
 from neurojepa_pl.tools.sweep import (
@@ -163,8 +164,7 @@ def test_slurm_array_template_renders_and_its_worker_runs_a_trial(toy_config, tm
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-                OMP_NUM_THREADS="1")  # fmt: skip
+    return subprocess_env(PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
 
 
 def _states(out: Path) -> list[str]:
