@@ -136,7 +136,7 @@ def _fit(
         text=True,
         cwd=tmp_path,
         env=env,
-        timeout=600,
+        timeout=240,
     )
 
 

@@ -93,7 +93,7 @@ def test_fit_from_shards_on_two_gloo_processes(tmp_path):
     ]
     env = subprocess_env(PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     run = subprocess.run([sys.executable, "-m", "neurojepa_pl", *words], capture_output=True, text=True,
-                         timeout=600, env=env, cwd=tmp_path)  # fmt: skip
+                         timeout=240, env=env, cwd=tmp_path)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert "fit done" in run.stdout and "`Trainer.fit` stopped: `max_steps=2` reached" in run.stderr
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in run.stderr
