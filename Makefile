@@ -36,7 +36,7 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed ## create .venv and install the project (torch: see the top of this Makefile)
 
-demo: install ## SynthBrain cohort -> JEPA pretraining -> probe table (~3 min on 2 CPU cores)
+demo: install ## SynthBrain cohort -> JEPA pretraining -> probe table (~4-5 min on 2 CPU cores)
 	$(VENV)/bin/neurojepa synth --out $(DEMO_DIR)/synthbrain --subjects 48 --seed 0 --grid model
 	$(PY) -m neurojepa_pl.demos.pretrain_probe --workdir $(DEMO_DIR)
 

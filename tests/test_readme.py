@@ -50,6 +50,11 @@ BASH_BLOCK = re.compile(r"^```bash\n(.*?)^```", re.MULTILINE | re.DOTALL)
 FINETUNE_CONFIG = "experiments/finetune/synth_tumour_probe.yaml"
 FINETUNE_RUN = Path("runs/finetune/synth_tumour_probe")
 BEST = FINETUNE_RUN / "version_0" / "checkpoints" / "best.ckpt"
+CROSS_CONFIG = "experiments/crosscohort/synth_site_shift_tumour.yaml"
+CROSS_TARGET = "experiments/crosscohort/synth_site_shift_tumour_to_site-2.yaml"
+CROSS_BEST = "runs/crosscohort/synth_site_shift_tumour/version_0/checkpoints/best.ckpt"
+DWI_CONFIG = "experiments/finetune/synth_infarct_dwi.yaml"
+DWI_BEST = "runs/finetune/synth_infarct_dwi/version_0/checkpoints/best.ckpt"
 
 TINY_PRETRAIN = [
     "--trainer.max_steps",
@@ -133,6 +138,39 @@ def _print_config(words: list[str], workspace: Path, capsys) -> None:
     for option, value in zip(words, words[1:]):  # every README override reached the resolved config
         if option.startswith("--") and option.rsplit(".", 1)[-1] in ("devices", "manifest"):
             assert re.search(rf"{option.rsplit('.', 1)[-1]}: '?{re.escape(value)}'?$", out, re.MULTILINE), option
+
+
+def _print_downstream_config(words: list[str], workspace: Path, capsys) -> None:
+    """A downstream fit / test of a protocol (minutes of CPU on a 150-subject cohort; its YAMLs run at tiny size in
+    tests/experiments): the stacked YAMLs parse and resolve, and the README's checkpoints reach the config."""
+    with pytest.raises(SystemExit) as exit_info:
+        _neurojepa(words, ["--print_config"])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "class_path: neurojepa_pl.modules.downstream.ClassificationModule" in out, out[-2000:]
+    for option, value in zip(words, words[1:]):
+        if option in ("--ckpt_path", "--model.init_args.checkpoint"):
+            assert re.search(rf"{option.rsplit('.', 1)[-1].lstrip('-')}: '?{re.escape(value)}'?$", out, re.M), option
+
+
+def _tool_arguments(words: list[str], workspace: Path, capsys) -> None:
+    """A minutes-long tool run (a 150-subject cohort, a 4-trial sweep): the tool's own parser accepts the README's
+    arguments (each tool runs at tiny size in tests/tools)."""
+    from neurojepa_pl.cli import TOOLS
+
+    assert words[0] == "neurojepa" and words[1] in TOOLS, words
+    module = importlib.import_module(f"neurojepa_pl.tools.{TOOLS[words[1]][0]}")
+    args, unknown = module.build_parser().parse_known_args(words[2:])
+    if words[1] == "sweep":  # the grid parses, and what is left over goes to every trial as `neurojepa fit` options
+        from neurojepa_pl.tools.sweep import parse_grid_item
+
+        assert [parse_grid_item(item)[0] for item in args.grid] == [
+            "model.init_args.lr",
+            "model.init_args.weight_decay",
+        ]
+        assert unknown[:1] == ["--model.init_args.checkpoint"], unknown
+    else:
+        assert unknown == [], f"neurojepa {words[1]} does not know {unknown}"
 
 
 def _demo_arguments(words: list[str], workspace: Path, capsys) -> None:
@@ -244,6 +282,25 @@ RECIPES: dict[str, Recipe] = {
         _demo_arguments
     ),
     ".venv/bin/python -m neurojepa_pl.demos.multimodal --workdir runs/mm_demo": Recipe(_demo_arguments),
+    # Protocols on SynthBrain (cross-cohort transfer, an unseen modality, a sweep)
+    "neurojepa synth --out runs/crosscohort/synthbrain --subjects 150 --seed 2 --grid model --modalities FLAIR "
+    "--sites 3 --holdout-site site-2 --stratify tumour": Recipe(_tool_arguments),
+    f"neurojepa fit --config {CROSS_CONFIG} --model.init_args.checkpoint runs/demo/export": Recipe(
+        _print_downstream_config
+    ),
+    f"neurojepa test --config {CROSS_CONFIG} --ckpt_path {CROSS_BEST}": Recipe(_print_downstream_config),
+    f"neurojepa test --config {CROSS_CONFIG} --config {CROSS_TARGET} --ckpt_path {CROSS_BEST}": Recipe(
+        _print_downstream_config
+    ),
+    "neurojepa synth --out runs/dwi/synthbrain --subjects 150 --seed 3 --grid model --modalities T1w FLAIR DWI "
+    "--prevalence acute_infarct=0.5": Recipe(_tool_arguments),
+    f"neurojepa sweep --config {DWI_CONFIG} --grid 'model.init_args.lr=[1e-4,1e-3]' "
+    "--grid 'model.init_args.weight_decay=[0.0,0.04]' --metric val/selection --direction maximize "
+    "--out runs/sweeps/infarct_dwi --model.init_args.checkpoint runs/demo/export": Recipe(_tool_arguments),
+    f"neurojepa fit --config {DWI_CONFIG} --model.init_args.checkpoint runs/demo/export": Recipe(
+        _print_downstream_config
+    ),
+    f"neurojepa test --config {DWI_CONFIG} --ckpt_path {DWI_BEST}": Recipe(_print_downstream_config),
 }
 
 
