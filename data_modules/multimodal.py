@@ -44,6 +44,7 @@ from neurojepa_pl.data.transforms import IMAGE_KEY, TransformSettings
 from neurojepa_pl.data_modules.base import MRIDataModule
 from neurojepa_pl.data_modules.datasets import FailureLog, MRIScanDataset, SampleKey, ScanFailure
 from neurojepa_pl.data_modules.finetune import FinetuneDataModule
+from neurojepa_pl.errors import UserValueError
 from neurojepa_pl.seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -271,18 +272,36 @@ class MultimodalDataModule(FinetuneDataModule):
     ):
         modalities = list(modalities) if modalities is not None else ["T1w", "FLAIR"]
         if kwargs.get("modality") is not None:
-            raise ValueError("MultimodalDataModule takes `modalities` (a list of slots), not `modality`.")
+            raise UserValueError(
+                "MultimodalDataModule takes `modalities` (a list of slots), not `modality`.",
+                "replace data.init_args.modality with data.init_args.modalities, e.g. [T1w, FLAIR].",
+            )
         if task not in MULTIMODAL_TASKS:
-            raise ValueError(f"multimodal fusion is defined for classification tasks {MULTIMODAL_TASKS}; got {task!r}.")
+            raise UserValueError(
+                f"multimodal fusion is defined for classification tasks {MULTIMODAL_TASKS}; got task={task!r}.",
+                f"set data.init_args.task to one of {MULTIMODAL_TASKS}, or use FinetuneDataModule (one modality).",
+            )
         unknown = [m for m in modalities if m not in MODALITIES]
         if unknown or len(set(modalities)) != len(modalities) or not modalities:
-            raise ValueError(f"modalities must be distinct names from {list(MODALITIES)}; got {modalities}.")
+            raise UserValueError(
+                f"modalities must be distinct names from {list(MODALITIES)}; got {modalities}.",
+                "list each modality of data.init_args.modalities once, spelled as in the manifest's modality column.",
+            )
         if anchor is not None and anchor not in modalities:
-            raise ValueError(f"anchor {anchor!r} must be one of the modalities {modalities}.")
+            raise UserValueError(
+                f"anchor {anchor!r} must be one of the modalities {modalities}.",
+                "set data.init_args.anchor to one of data.init_args.modalities (or null).",
+            )
         if not 0.0 <= modality_dropout <= 1.0:
-            raise ValueError(f"modality_dropout must be in [0, 1]; got {modality_dropout}.")
+            raise UserValueError(
+                f"modality_dropout must be in [0, 1]; got {modality_dropout}.",
+                "set data.init_args.modality_dropout to a probability, e.g. 0.2.",
+            )
         if task == "binary" and num_classes not in (None, 2):
-            raise ValueError(f"binary tasks use 2 outputs (docs/method.md §8.3); got num_classes={num_classes}.")
+            raise UserValueError(
+                f"binary tasks use 2 outputs (docs/method.md §8.3); got num_classes={num_classes}.",
+                "set data.init_args.num_classes: 2 (or leave it out) for task binary.",
+            )
         super().__init__(
             manifest=manifest,
             modalities=modalities,
@@ -307,9 +326,10 @@ class MultimodalDataModule(FinetuneDataModule):
         else:
             paired = self._select_paired_sessions(df)
         if paired.empty:
-            raise ValueError(
+            raise UserValueError(
                 f"no session of {self.hparams.manifest} has the modalities {self.modality_names} (anchor "
-                f"{self.anchor}, require_all={self.require_all}); check the manifest or relax require_all."
+                f"{self.anchor}, require_all={self.require_all}).",
+                "check the manifest's modality column, or set data.init_args.require_all: false.",
             )
         drop, reason = self._unusable_rows(paired)
         if drop.any():

@@ -19,6 +19,7 @@ from neurojepa_pl.data import load_manifest, pair_modalities
 from neurojepa_pl.data.transforms import TransformSettings, eval_transforms
 from neurojepa_pl.data_modules.datasets import MRIScanDataset
 from neurojepa_pl.data_modules.multimodal import MultimodalDataModule, modality_dropout
+from neurojepa_pl.errors import UserValueError
 
 # make_cohort: subjects 0-5 train, 6-7 val, 8-9 test; label tumour = subject % 2.
 NO_FLAIR, BROKEN_FLAIR = "001", "002"
@@ -181,5 +182,7 @@ def test_paired_manifest_gives_the_same_sessions(cohort, dm_kwargs, tmp_path):
     ],
 )
 def test_bad_arguments(cohort, dm_kwargs, overrides, message):
-    with pytest.raises(ValueError, match=message):
+    # A plain user error (the CLI prints it in two lines with exit status 2), naming the option to change.
+    with pytest.raises(UserValueError, match=message) as error:
         _dm(cohort, dm_kwargs, **overrides)
+    assert "data.init_args." in error.value.fix
