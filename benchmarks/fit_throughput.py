@@ -2,6 +2,7 @@
 
     python benchmarks/fit_throughput.py --preset tiny --device cpu        # CPU smoke run (tests/benchmarks)
     python benchmarks/fit_throughput.py --preset paper --device cuda      # the paper's step + loader on one GPU
+    python benchmarks/fit_throughput.py --preset tiny --device cpu --augment-on workers   # MONAI in the workers
 
 1. A SynthBrain cohort (``--unique`` scans, hard-linked under ``--scans`` names so that the timed steps stay inside
    one epoch, no loader restart) and its shard cache (``data_modules/shards.py``: ``litdata.optimize``, uint16),
@@ -10,6 +11,9 @@
    callbacks, EMA, MoE balance, logger, data module with ``cache: shards``, ``--workers`` loader workers) as the CLI
    does; the benchmark adds Lightning's ``ThroughputMonitor``, a loop timer and Lightning's ``SimpleProfiler`` (which
    times every ``next()`` on the training loader), then runs ``trainer.fit`` for ``--warmup + --steps`` steps.
+   ``--augment-on device|workers`` sets ``data.init_args.augment_on`` (default: the config's, i.e. the data module's
+   ``device``): batched augmentation after the transfer (inside the step's time, not the loader wait) or MONAI in
+   the loader workers.
 3. **step**: the same model (a copy taken before the fit, compiled when the fit compiled) on in-memory batches of the
    same shape, outside Lightning (``benchmarks/pretrain_step.py``'s ``Stepper``: the same update as a training step).
 
@@ -199,6 +203,7 @@ def run_fit(args: argparse.Namespace, preset: dict[str, Any], words: list[str], 
         "compiled_networks": compiled,
         "precision": str(trainer.precision),
         "flops_per_scan": flops,
+        "augment_on": str(cli.datamodule.hparams.augment_on),
     }
     module.cpu()
     del cli, trainer, module
@@ -248,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
                         "`neurojepa synth --grid model` cohort brought to a machine without nilearn)")  # fmt: skip
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="model compile setting (auto: the YAML's, i.e. compiled on CUDA)")  # fmt: skip
+    parser.add_argument("--augment-on", choices=("device", "workers"), default=None,
+                        help="where the training augmentation runs (data.init_args.augment_on; default: the "
+                        "config's)")  # fmt: skip
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     for name in ("workers", "batch", "steps", "warmup", "unique"):
@@ -270,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         words += ["--model.init_args.encoder", preset["encoder"], "--model.init_args.predictor", preset["predictor"]]
     if args.compile != "auto":
         words += ["--model.init_args.compile", "true" if args.compile == "on" else "false"]
+    if args.augment_on is not None:
+        words += ["--data.init_args.augment_on", args.augment_on]
     words += [
         "--model.init_args.mask_figure_every_n_steps", "0", "--model.init_args.collapse_every_n_steps", "0",
         "--data.init_args.pin_memory", str(device.type == "cuda").lower(),
@@ -300,10 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         "ratio": result["fit_scans_per_s"] / step["step_scans_per_s"],
         "data_wait_fraction": result["data_wait_fraction"],
         "loader_workers": result["loader_workers"],
+        "augment_on": result["augment_on"],
         "mfu_fit": None if peak is None else result["flops_per_scan"] * result["fit_scans_per_s"] / peak,
         "cache": cache,
         "fit": {
-            k: v for k, v in result.items() if k not in ("fit_scans_per_s", "data_wait_fraction", "loader_workers")
+            k: v
+            for k, v in result.items()
+            if k not in ("fit_scans_per_s", "data_wait_fraction", "loader_workers", "augment_on")
         },  # fmt: skip
         "step": step,
     }

@@ -18,6 +18,11 @@ ranks draw different masks (the reference's masks were identical on all ranks, d
 
 With ``fixed=True`` (validation / test) the epoch is ignored, so every pass over the same (unshuffled) loader draws the
 same masks and losses are comparable across epochs.
+
+With ``defer_masks=True`` (``PretrainDataModule(augment_on="device")``) the collator only stacks and validates the
+samples and marks the batch with ``masks_pending``; the data module augments the batch on its device and then calls
+:meth:`JEPAMaskCollator.add_masks`, the same code that a plain collator runs on CPU, so the foreground map and the
+foreground-aware masks are always those of the augmented volumes (docs/method.md §1.4, 6.1).
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ from neurojepa_pl.data_modules.datasets import SAMPLE_KEY
 from neurojepa_pl.masks.foreground import ForegroundMethod, foreground_token_map
 from neurojepa_pl.seeding import make_generator
 
-__all__ = ["JEPAMaskCollator", "MaskGenerator", "stack_masks"]
+__all__ = ["MASKS_PENDING", "JEPAMaskCollator", "MaskGenerator", "stack_masks"]
 
-OUTPUT_KEYS = ("context_idx", "target_idx", "foreground", "mask_step")
+MASKS_PENDING = "masks_pending"
+"""Batch field (``True``) of a ``defer_masks`` collator: foreground and masks are still to be added (``add_masks``)."""
+OUTPUT_KEYS = ("context_idx", "target_idx", "foreground", "mask_step", MASKS_PENDING)
 
 
 class MaskGenerator(Protocol):
@@ -86,6 +93,8 @@ class JEPAMaskCollator:
         min_foreground_fraction: voxel fraction that makes a token foreground (0.1).
         foreground_threshold: voxel threshold for volumes with degenerate percentiles (0.0).
         image_key: the sample key holding the ``[C, D, H, W]`` image.
+        defer_masks: only stack and validate; the batch gets ``masks_pending=True`` instead of the foreground and the
+            masks, which :meth:`add_masks` adds later (after augmentation on the device).
 
     Call:
         ``collator(samples) -> dict``; every sample needs ``image`` and ``sample_key`` (int ``[2]``: epoch,
@@ -95,7 +104,9 @@ class JEPAMaskCollator:
         * ``context_idx``: list of M int64 ``[B, K_ctx_m]``,
         * ``target_idx``: list of M int64 ``[B, K_tgt_m]``,
         * ``foreground``: bool ``[B, N]`` token foreground map of the (augmented) batch,
-        * ``mask_step``: int, the global batch index the masks were drawn for.
+        * ``mask_step``: int, the global batch index the masks were drawn for
+
+        (with ``defer_masks``: the collated fields and ``masks_pending`` only).
     """
 
     def __init__(
@@ -113,6 +124,7 @@ class JEPAMaskCollator:
         min_foreground_fraction: float = 0.1,
         foreground_threshold: float = 0.0,
         image_key: str = "image",
+        defer_masks: bool = False,
     ) -> None:
         self.generators = list(generators)
         if not self.generators:
@@ -139,12 +151,13 @@ class JEPAMaskCollator:
         self.min_foreground_fraction = float(min_foreground_fraction)
         self.foreground_threshold = float(foreground_threshold)
         self.image_key = image_key
+        self.defer_masks = bool(defer_masks)
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(generators={self.generators}, patch_size={self.patch_size}, seed={self.seed}, "
             f"batch_size={self.batch_size}, world_size={self.world_size}, fixed={self.fixed}, "
-            f"foreground_aware={self.foreground_aware}, bg_method={self.bg_method!r})"
+            f"foreground_aware={self.foreground_aware}, bg_method={self.bg_method!r}, defer_masks={self.defer_masks})"
         )
 
     # ------------------------------------------------------------ seeding
@@ -221,8 +234,19 @@ class JEPAMaskCollator:
         batch[SAMPLE_KEY] = (key.as_tensor() if isinstance(key, MetaTensor) else torch.as_tensor(key)).long()
         return batch
 
-    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        batch = self._collate(samples)
+    def add_masks(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Add the foreground map and the masks of a collated batch, on the device of its image.
+
+        Args:
+            batch: a collated batch with ``image`` ``[B, C, D, H, W]`` (any device) and ``sample_key`` ``[B, 2]``;
+                ``masks_pending`` is removed.
+
+        Returns:
+            ``batch`` (updated in place) with ``foreground`` bool ``[B, N]``, ``context_idx`` / ``target_idx`` (M x
+            int64 ``[B, K]``), all on the image's device, and ``mask_step``. The masks are drawn on CPU, so they are
+            the same whatever the device.
+        """
+        batch.pop(MASKS_PENDING, None)
         image = batch[self.image_key]
         foreground = foreground_token_map(
             image,
@@ -233,7 +257,18 @@ class JEPAMaskCollator:
         )
         rank, step = self.batch_coordinates(batch[SAMPLE_KEY])
         contexts, targets = self.draw_masks(
-            image.shape[0], foreground if self.foreground_aware else None, step=step, rank=rank
+            image.shape[0], foreground.cpu() if self.foreground_aware else None, step=step, rank=rank
         )
+        device = image.device
+        if device.type != "cpu":  # the generators draw on CPU; the training step wants the masks beside the image
+            contexts = [c.to(device, non_blocking=True) for c in contexts]
+            targets = [t.to(device, non_blocking=True) for t in targets]
         batch.update(context_idx=contexts, target_idx=targets, foreground=foreground, mask_step=step)
         return batch
+
+    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        batch = self._collate(samples)
+        if self.defer_masks:
+            batch[MASKS_PENDING] = True
+            return batch
+        return self.add_masks(batch)

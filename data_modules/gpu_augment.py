@@ -12,19 +12,34 @@ contrast ((x - min) / (range + 1e-7))^gamma * range + min, gamma ~ U(0.6, 1.5), 
 std ~ U(0, 0.1), p=0.5; intensity shift by U(-0.1, 0.1), p=0.5. Fine-tuning (docs/method.md §1.5): flips with p=0.1, no
 bias field, the rest the same.
 
-Randomness: every random number comes from the ``torch.Generator`` passed to :meth:`BatchedAugment.forward` (a CPU
-generator). Parameters are drawn on CPU (so they do not depend on the device); the noise voxels are drawn on the
-batch's device from a generator seeded by one draw of that CPU generator.
+Randomness, two ways:
+
+* :meth:`BatchedAugment.forward` / :meth:`BatchedAugment.sample`: every random number comes from one CPU
+  ``torch.Generator`` for the whole batch (a sample's draw depends on its place in the batch);
+* :meth:`BatchedAugment.augment_keys` / :meth:`BatchedAugment.sample_per_key` (what
+  :class:`neurojepa_pl.data_modules.pretrain.PretrainDataModule` uses with ``augment_on="device"``): each sample draws
+  from its own CPU generator seeded by :func:`augment_generator` from ``(seed, epoch, position)`` of its
+  ``sample_key``, so its augmentation does not depend on the batch it lands in, the number of loader workers or ranks,
+  or the step a run resumed from (docs/method.md §1.4).
+
+Parameters are drawn on CPU (so they do not depend on the device); the noise voxels are drawn on the batch's device
+from a generator seeded by one draw of the CPU generator (per batch, or per sample with per-key seeding), so noise is
+bit-reproducible on one device type but differs between CPU and CUDA.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
+from neurojepa_pl.seeding import make_generator
+
 CONTRAST_EPSILON = 1e-7  # MONAI AdjustContrast
+AUGMENT_STREAM = "augment"
+"""``derive_seed`` stream name of the per-sample augmentation (the mask streams are the integers 0..M-1)."""
 _MODE_DEFAULTS = {
     "pretrain": {"flip_prob": 0.5, "bias_field_prob": 0.5},  # docs/method.md §1.4
     "finetune": {"flip_prob": 0.1, "bias_field_prob": 0.0},  # docs/method.md §1.5: no bias field
@@ -108,7 +123,9 @@ class AugmentParameters:
         contrast: ``[B]`` bool; gamma ``[B]``.
         noise: ``[B]`` bool; noise_std ``[B]``.
         shift: ``[B]`` bool; offset ``[B]``.
-        noise_seed: seed of the device generator for the noise voxels.
+        noise_seed: seed of one device generator for the noise voxels of the whole batch (drawn in sample order).
+        noise_seeds: int64 ``[B]``, one noise generator seed per sample instead (:meth:`BatchedAugment.sample_per_key`:
+            a sample's noise then does not depend on the other samples). Exactly one of the two is set.
     """
 
     flip: torch.Tensor
@@ -120,7 +137,45 @@ class AugmentParameters:
     noise_std: torch.Tensor
     shift: torch.Tensor
     offset: torch.Tensor
-    noise_seed: int
+    noise_seed: int | None = None
+    noise_seeds: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.noise_seed is None) == (self.noise_seeds is None):
+            raise ValueError(
+                "AugmentParameters needs exactly one of noise_seed (per batch) and noise_seeds (per sample)."
+            )
+
+    @classmethod
+    def cat(cls, parts: Sequence[AugmentParameters]) -> AugmentParameters:
+        """Concatenate per-sample draws (each with its ``noise_seed``) into one batch with ``noise_seeds``."""
+        if not parts:
+            raise ValueError("AugmentParameters.cat needs at least one part.")
+        tensors = {
+            f.name: torch.cat([getattr(p, f.name) for p in parts])
+            for f in fields(cls)
+            if f.name not in ("noise_seed", "noise_seeds")
+        }
+        seeds = []
+        for part in parts:
+            if part.noise_seeds is not None:
+                seeds.append(part.noise_seeds)
+            else:  # a per-batch seed of a one-sample part is that sample's seed
+                if len(part.flip) != 1:
+                    raise ValueError("AugmentParameters.cat: a part with one noise_seed must hold one sample.")
+                seeds.append(torch.tensor([part.noise_seed], dtype=torch.int64))
+        return cls(**tensors, noise_seeds=torch.cat(seeds))
+
+
+def augment_generator(seed: int, epoch: int, position: int) -> torch.Generator:
+    """The CPU generator of one sample's augmentation: ``derive_seed(seed, step=position, stream="augment/<epoch>")``.
+
+    A pure function of the run seed and the sample's ``(epoch, position)`` key, on a stream distinct from the mask
+    streams (:mod:`neurojepa_pl.data_modules.collate`), so masks and augmentation never share random numbers.
+    """
+    if min(epoch, position) < 0:
+        raise ValueError(f"epoch and position must be >= 0; got {(epoch, position)}.")
+    return make_generator(int(seed), step=int(position), stream=f"{AUGMENT_STREAM}/{int(epoch)}")
 
 
 class BatchedAugment(nn.Module):
@@ -191,6 +246,23 @@ class BatchedAugment(nn.Module):
         noise_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         return AugmentParameters(flip, bias, bias_coeffs, contrast, gamma, noise, noise_std, shift, offset, noise_seed)
 
+    def sample_per_key(self, keys: torch.Tensor, seed: int) -> AugmentParameters:
+        """Per-sample draws: sample ``b`` gets ``sample(1, augment_generator(seed, *keys[b]))``.
+
+        Args:
+            keys: int ``[B, 2]`` ``(epoch, position)`` sample keys (``batch["sample_key"]``, any device).
+            seed: the run's base seed.
+
+        Returns:
+            The batch's parameters, with per-sample ``noise_seeds``; sample ``b``'s draws depend on ``keys[b]`` only.
+        """
+        keys = torch.as_tensor(keys).detach().to("cpu", torch.int64).reshape(-1, 2)
+        if len(keys) == 0:
+            raise ValueError("sample_per_key needs at least one sample key.")
+        return AugmentParameters.cat(
+            [self.sample(1, augment_generator(seed, epoch, position)) for epoch, position in keys.tolist()]
+        )
+
     @torch.no_grad()
     def apply(self, images: torch.Tensor, params: AugmentParameters) -> torch.Tensor:
         """Apply drawn parameters to ``images`` ``[B, C, D, H, W]``; returns a new tensor (input untouched).
@@ -206,12 +278,11 @@ class BatchedAugment(nn.Module):
         for axis in range(3):
             for i in params.flip[:, axis].nonzero().flatten().tolist():
                 out[i] = out[i].flip(axis + 1)
-        rows = params.bias.nonzero().flatten()
-        if len(rows):
-            coeffs = params.bias_coeffs[rows].to(device=device, dtype=torch.float32)
-            gains = torch.exp(legendre_bias_field(tuple(out.shape[2:]), coeffs, self.bias_degree)).to(out.dtype)
-            for gain, i in zip(gains, rows.tolist()):
-                out[i].mul_(gain)
+        for i in params.bias.nonzero().flatten().tolist():
+            # One sample at a time: a batched contraction may take another BLAS path for another batch size, and a
+            # sample's output must not depend on the batch it is in (per-key seeding).
+            coeffs = params.bias_coeffs[i : i + 1].to(device=device, dtype=torch.float32)
+            out[i].mul_(torch.exp(legendre_bias_field(tuple(out.shape[2:]), coeffs, self.bias_degree)).to(out.dtype))
         for i in params.contrast.nonzero().flatten().tolist():
             sample, gamma = out[i], float(params.gamma[i])
             low, high = torch.aminmax(sample)
@@ -219,9 +290,13 @@ class BatchedAugment(nn.Module):
             sample.sub_(low).div_(span + CONTRAST_EPSILON).pow_(gamma).mul_(span).add_(low)
         rows = params.noise.nonzero().flatten().tolist()
         if rows:
-            noise_generator = torch.Generator(device=device).manual_seed(params.noise_seed)
+            noise_generator = torch.Generator(device=device)
+            if params.noise_seeds is None:
+                noise_generator.manual_seed(int(params.noise_seed))  # type: ignore[arg-type]
             noise = torch.empty(out.shape[1:], device=device, dtype=out.dtype)
             for i in rows:
+                if params.noise_seeds is not None:
+                    noise_generator.manual_seed(int(params.noise_seeds[i]))
                 torch.randn(noise.shape, generator=noise_generator, device=device, dtype=out.dtype, out=noise)
                 out[i].add_(noise, alpha=float(params.noise_std[i]))
         for i in params.shift.nonzero().flatten().tolist():
@@ -239,3 +314,19 @@ class BatchedAugment(nn.Module):
             ``[B, C, *spatial_size]`` (or the input's spatial size), same device and dtype.
         """
         return self.apply(images, self.sample(images.shape[0], generator))
+
+    def augment_keys(self, images: torch.Tensor, keys: torch.Tensor, seed: int) -> torch.Tensor:
+        """Augment a batch with per-sample seeding (:meth:`sample_per_key`).
+
+        Args:
+            images: ``[B, C, D, H, W]`` on any device (float).
+            keys: int ``[B, 2]`` ``(epoch, position)`` of each sample.
+            seed: the run's base seed.
+
+        Returns:
+            ``[B, C, *spatial_size]``; sample ``b`` is a pure function of ``(images[b], seed, keys[b])`` on one device
+            type.
+        """
+        if len(keys) != images.shape[0]:
+            raise ValueError(f"got {len(keys)} sample keys for a batch of {images.shape[0]} images.")
+        return self.apply(images, self.sample_per_key(keys, seed))

@@ -5,6 +5,20 @@ position)`` and each batch's masks of its samples' ``(epoch, position)`` keys (b
 ``e * batches_per_epoch + i``; :mod:`neurojepa_pl.data_modules.collate`). The training loader is a
 ``torchdata`` ``StatefulDataLoader``: Lightning saves its position in every checkpoint and a run resumed mid-epoch
 (``--ckpt_path``) continues with the next batch, exactly (docs/method.md §5.3).
+
+Where the docs/method.md §1.4 augmentation runs (``augment_on``):
+
+* ``"device"`` (default): the loader workers only read and centre-crop (:func:`neurojepa_pl.data.transforms.
+  pretrain_crop`) and the collator only stacks (``defer_masks``); after Lightning has moved a training batch to its
+  device, :meth:`PretrainDataModule.on_after_batch_transfer` augments it there with
+  :class:`neurojepa_pl.data_modules.gpu_augment.BatchedAugment` (each sample seeded from ``(seed, epoch, position)``
+  on its own stream, :func:`neurojepa_pl.data_modules.gpu_augment.augment_generator`) and then adds the foreground
+  map and masks with the collator's own :meth:`~neurojepa_pl.data_modules.collate.JEPAMaskCollator.add_masks`.
+* ``"workers"``: MONAI's per-sample chain (:func:`neurojepa_pl.data.transforms.pretrain_augmentations`) in the loader
+  workers, seeded by :func:`neurojepa_pl.data.transforms.augmentation_seed`; the collator adds foreground and masks.
+
+Both draw the same distributions (``tests/data_modules/test_device_augment.py`` compares them), not the same numbers.
+Validation and test batches are never augmented and keep the collator's fixed masks in both modes.
 """
 
 from __future__ import annotations
@@ -17,8 +31,10 @@ from torch.utils.data import DataLoader
 
 from neurojepa_pl.config_specs import PAPER_MASKING, MaskingSpec
 from neurojepa_pl.data.subsets import check_fraction, patient_subset
-from neurojepa_pl.data.transforms import eval_transforms, pretrain_augmentations
+from neurojepa_pl.data.transforms import eval_transforms, pretrain_augmentations, pretrain_crop
 from neurojepa_pl.data_modules.base import EpochSampler, MRIDataModule
+from neurojepa_pl.data_modules.collate import MASKS_PENDING
+from neurojepa_pl.data_modules.datasets import SAMPLE_KEY
 from neurojepa_pl.errors import UserValueError
 
 log = logging.getLogger(__name__)
@@ -28,6 +44,8 @@ MASKINGS = ("multiscale", "vjepa2")
 PAPER_MASK_RATIO = 0.75
 CACHES = ("persistent", "shards")
 SHARD_DTYPES = ("uint16", "uint8", "float16")  # data_modules/shards.py (imported lazily: it is only for cache=shards)
+AUGMENT_ON = ("device", "workers")
+"""Where the training augmentation runs: batched on the batch's device, or per sample in the loader workers."""
 
 
 class PretrainDataModule(MRIDataModule):
@@ -50,9 +68,17 @@ class PretrainDataModule(MRIDataModule):
             ablation, experiments/ablations/data_fraction_*.yaml); the subsets of one ``subset_seed`` are nested
             (:func:`neurojepa_pl.data.subsets.patient_subset`). Validation rows are kept whole.
         subset_seed: seed of the patient ranking behind ``subset_fraction``.
+        augment_on: ``"device"`` (default): the training augmentation runs batched on the batch's device after the
+            transfer, then the foreground map and masks are drawn (:meth:`on_after_batch_transfer`; needs
+            ``trainer.fit(..., datamodule=dm)``, which every ``neurojepa fit`` run does); ``"workers"``: MONAI's
+            per-sample chain in the loader workers (the only behaviour before ``augment_on`` existed). On CPU the
+            batched code is ~4x cheaper per scan than MONAI and fits are no slower (docs/data_notes.md §3 (f)).
 
     Batches: dicts with ``image`` ``[B, 1, D, H, W]``, metadata lists (``subject_id``, ``path``, ...) and the
     collator's ``context_idx`` / ``target_idx`` (lists of M ``[B, K]``), ``foreground`` ``[B, N]`` bool, ``mask_step``.
+    With ``augment_on="device"`` the training loader's batches hold the cropped, unaugmented images and
+    ``masks_pending=True`` instead; :meth:`on_after_batch_transfer` turns them into the above (call it yourself when
+    iterating the loader outside a Trainer).
     """
 
     def __init__(
@@ -67,6 +93,7 @@ class PretrainDataModule(MRIDataModule):
         shard_dtype: str = "uint16",
         subset_fraction: float = 1.0,
         subset_seed: int = 0,
+        augment_on: str = "device",
         **kwargs: Any,
     ):
         # The base class's save_hyperparameters() records this __init__'s arguments too (Lightning walks the
@@ -76,6 +103,12 @@ class PretrainDataModule(MRIDataModule):
             raise UserValueError(f"cache must be one of {CACHES}; found {cache!r}.", "use persistent or shards.")
         if shard_dtype not in SHARD_DTYPES:
             raise UserValueError(f"shard_dtype must be one of {SHARD_DTYPES}; found {shard_dtype!r}.", "use uint16.")
+        if augment_on not in AUGMENT_ON:
+            raise UserValueError(
+                f"augment_on must be one of {AUGMENT_ON}; found {augment_on!r}.",
+                "set data.init_args.augment_on to device (batched on the training device, the default) or workers "
+                "(MONAI per sample in the loader workers).",
+            )
         check_fraction(subset_fraction)
         try:
             masking = MaskingSpec(masking)
@@ -100,6 +133,12 @@ class PretrainDataModule(MRIDataModule):
         self.train_collator = None
         self.train_sampler: EpochSampler | None = None
         self._resume_epoch = 0  # the sampler's epoch when the loader is (re)built: from the checkpoint on resume
+        self.device_augment = None
+        if augment_on == "device":
+            from neurojepa_pl.data_modules.gpu_augment import BatchedAugment
+
+            # No crop here: the workers' pretrain_crop already gives spatial_size (docs/method.md §1.4, step 2).
+            self.device_augment = BatchedAugment("pretrain")
 
     # ------------------------------------------------------------------ choices of the base module
     def split_frame(self, df, split):
@@ -124,7 +163,11 @@ class PretrainDataModule(MRIDataModule):
         return dataset
 
     def augmentation(self, split: str) -> Compose:
-        return pretrain_augmentations(self.settings) if split == "train" else eval_transforms(self.settings)
+        if split != "train":
+            return eval_transforms(self.settings)
+        if self.hparams.augment_on == "device":
+            return pretrain_crop(self.settings)  # the random part runs in on_after_batch_transfer
+        return pretrain_augmentations(self.settings)
 
     # ------------------------------------------------------------------ masks
     def mask_generators(self) -> list:
@@ -135,8 +178,11 @@ class PretrainDataModule(MRIDataModule):
             self.hparams.masking, self.grid, self.hparams.mask_ratio, self.hparams.foreground_aware
         )
 
-    def make_collator(self, seed: int, sampler: EpochSampler, drop_last: bool, fixed: bool = False):
-        """The mask collator of a loader over ``sampler`` (``fixed``: the same masks at every pass)."""
+    def make_collator(
+        self, seed: int, sampler: EpochSampler, drop_last: bool, fixed: bool = False, defer_masks: bool = False
+    ):
+        """The mask collator of a loader over ``sampler`` (``fixed``: the same masks at every pass; ``defer_masks``:
+        stack only, :meth:`on_after_batch_transfer` adds foreground and masks after the device augmentation)."""
         from neurojepa_pl.data_modules.collate import JEPAMaskCollator
 
         return JEPAMaskCollator(
@@ -148,6 +194,7 @@ class PretrainDataModule(MRIDataModule):
             seed=seed,
             fixed=fixed,
             foreground_aware=self.hparams.foreground_aware,
+            defer_masks=defer_masks,
         )
 
     # ------------------------------------------------------------------ loaders
@@ -166,7 +213,9 @@ class PretrainDataModule(MRIDataModule):
         # The checkpoint's epoch on resume (Lightning sets it again at every epoch start, before the first batch is
         # drawn; this covers loops that do not); a mid-epoch position is the loader's own state (fit loop's state).
         self.train_sampler.set_epoch(self._resume_epoch)
-        self.train_collator = self.make_collator(self.hparams.seed, self.train_sampler, drop_last=True)
+        self.train_collator = self.make_collator(
+            self.hparams.seed, self.train_sampler, drop_last=True, defer_masks=self.device_augment is not None
+        )
         return self.make_loader(
             dataset, self.train_sampler, collate_fn=self.train_collator, drop_last=True, stateful=True
         )
@@ -194,9 +243,39 @@ class PretrainDataModule(MRIDataModule):
         collator = self.make_collator(self.hparams.seed + 1, sampler, drop_last=False, fixed=True)
         return self.make_loader(dataset, sampler, collate_fn=collator, drop_last=False)
 
+    # ------------------------------------------------------------------ augmentation on the device
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Augment a pending training batch on its device, then add its foreground map and masks.
+
+        Lightning (2.6, ``_DataHookSelector``) calls the data module's hook on every batch after
+        ``transfer_batch_to_device``, when the Trainer was given ``datamodule=``; this override takes precedence over a
+        LightningModule's own ``on_after_batch_transfer`` (Lightning warns then). Only batches of the
+        ``augment_on="device"`` training collator (``masks_pending``) are changed: validation / test / predict batches
+        and every ``augment_on="workers"`` batch pass through untouched.
+
+        Args:
+            batch: the collated batch, ``image`` ``[B, 1, D, H, W]`` on the training device.
+            dataloader_idx: unused.
+
+        Returns:
+            The batch with the augmented ``image`` (sample ``b`` a pure function of ``(seed, sample_key[b])``,
+            docs/method.md §1.4) and ``foreground`` / ``context_idx`` / ``target_idx`` (on the image's device) /
+            ``mask_step`` computed from it, exactly as the collator computes them (docs/method.md §5.3, 6.1).
+        """
+        if not isinstance(batch, dict) or not batch.get(MASKS_PENDING, False):
+            return batch
+        if self.device_augment is None or self.train_collator is None:
+            raise RuntimeError(
+                "got a batch with masks_pending but this data module has no device augmentation or train collator; "
+                "build the batch with this module's train_dataloader() (augment_on='device')."
+            )
+        batch["image"] = self.device_augment.augment_keys(batch["image"], batch[SAMPLE_KEY], int(self.hparams.seed))
+        return self.train_collator.add_masks(batch)
+
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
-        """Saved in Lightning checkpoints: the epoch the sampler resumes in and the seed of the stream.
+        """Saved in Lightning checkpoints: the epoch the sampler resumes in, the seed of the stream and where it was
+        augmented (``augment_on``: the two settings draw different numbers).
 
         The position within the epoch is the training loader's own state (``StatefulDataLoader.state_dict``, saved by
         Lightning's fit loop); ``global_step`` is informative.
@@ -205,7 +284,12 @@ class PretrainDataModule(MRIDataModule):
             step, epoch = int(self.trainer.global_step), int(self.trainer.current_epoch)
         else:
             step, epoch = 0, self._resume_epoch
-        return {"global_step": step, "epoch": epoch, "seed": int(self.hparams.seed)}
+        return {
+            "global_step": step,
+            "epoch": epoch,
+            "seed": int(self.hparams.seed),
+            "augment_on": self.hparams.augment_on,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if int(state_dict.get("seed", self.hparams.seed)) != int(self.hparams.seed):
@@ -213,6 +297,17 @@ class PretrainDataModule(MRIDataModule):
                 "resuming with seed %s but the checkpoint's data stream used seed %s: samples and masks will differ",
                 self.hparams.seed,
                 state_dict["seed"],
+            )
+        # Checkpoints written before augment_on existed augmented in the workers.
+        saved = state_dict.get("augment_on", "workers")
+        if saved != self.hparams.augment_on:
+            log.warning(
+                "resuming with augment_on=%s but the checkpoint's data stream used augment_on=%s: the augmentations "
+                "(and so the foreground-aware masks) will differ from the interrupted run's; set "
+                "data.init_args.augment_on: %s to continue it exactly",
+                self.hparams.augment_on,
+                saved,
+                saved,
             )
         self._resume_epoch = int(state_dict.get("epoch", 0))
         if self.train_sampler is not None:

@@ -303,6 +303,25 @@ def pretrain_augmentations(settings: TransformSettings) -> Compose:
     )
 
 
+def pretrain_crop(settings: TransformSettings) -> Compose:
+    """The deterministic part of :func:`pretrain_augmentations` (float32, centre crop), without any random operation.
+
+    The per-sample transform of ``PretrainDataModule(augment_on="device")``: the random operations of docs/method.md
+    §1.4 then run batched on the device (:class:`neurojepa_pl.data_modules.gpu_augment.BatchedAugment`).
+
+    Returns:
+        A MONAI ``Compose`` mapping ``{"image": [1, *resize_to]}`` to ``{"image": [1, *spatial_size]}`` float32.
+    """
+    k = IMAGE_KEY
+    return Compose(
+        [
+            CastToTyped(keys=k, dtype=torch.float32),
+            CenterSpatialCropd(keys=k, roi_size=settings.spatial_size),
+            EnsureTyped(keys=k, data_type="tensor", dtype=torch.float32, track_meta=False),
+        ]
+    )
+
+
 def finetune_augmentations(settings: TransformSettings, train: bool) -> Compose:
     """docs/method.md §1.5 fine-tuning transform.
 

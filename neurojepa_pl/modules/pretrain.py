@@ -42,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from neurojepa_pl.callbacks import EMATargetUpdate, MaskFigureLogger, MoELoadBalance, NonFiniteLossGuard
 from neurojepa_pl.config_specs import PAPER_ENCODER, PAPER_PREDICTOR, EncoderSpec, PredictorSpec
+from neurojepa_pl.errors import UserValueError
 from neurojepa_pl.losses.jepa import jepa_loss
 from neurojepa_pl.models import Predictor3D, VisionTransformer3D, ddp_ignored_buffer_names
 from neurojepa_pl.modules.init_from import InitFrom
@@ -337,6 +338,16 @@ class JEPAPretrainModule(LightningModule):
             batch: ``image`` ``[B, 1, D, H, W]``, ``context_idx`` / ``target_idx`` (M x ``[B, K]``), ``foreground``.
             targets: ``[B, N, C]`` regression targets of every token (:meth:`target_features`).
         """
+        if batch.get("masks_pending", False):
+            # A batch of PretrainDataModule(augment_on="device") that skipped the data module's
+            # on_after_batch_transfer (augmentation, foreground, masks): say so instead of a KeyError on context_idx.
+            raise UserValueError(
+                "this training batch is not augmented and has no masks yet (masks_pending): PretrainDataModule with "
+                "augment_on='device' adds them in its on_after_batch_transfer hook, which the Trainer only calls "
+                "when given the data module.",
+                "call trainer.fit(module, datamodule=dm) instead of passing its loaders, or set "
+                "data.init_args.augment_on: workers.",
+            )
         images, context_idx, target_idx = batch["image"], batch["context_idx"], batch["target_idx"]
         preds = self.predict(images, context_idx, target_idx)  # M x [B, Kt, C]
         wanted = [gather_tokens(targets, idx) for idx in target_idx]  # M x [B, Kt, C]

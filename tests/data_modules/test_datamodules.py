@@ -363,6 +363,13 @@ def _pretrain(manifest, kwargs, **extra):
     return PretrainDataModule(str(manifest), patch_size=TINY_PATCH, **{**kwargs, **extra})
 
 
+def _finished(dm, loader):
+    """The loader's batches as the training step sees them: after the data module's ``on_after_batch_transfer``
+    (augmentation, foreground and masks with the default ``augment_on="device"``; nothing with ``"workers"``)."""
+    for batch in loader:
+        yield dm.on_after_batch_transfer(batch, 0)
+
+
 def test_pretrain_batches_mix_modalities_with_masks(mixed_cohort, tiny_dm_kwargs):
     dm = _pretrain(mixed_cohort, tiny_dm_kwargs)
     dm.setup("fit")
@@ -370,7 +377,7 @@ def test_pretrain_batches_mix_modalities_with_masks(mixed_cohort, tiny_dm_kwargs
     assert len(dm.datasets["train"]) == 9  # subjects 000-002, three modalities each
     loader = dm.train_dataloader()
     assert loader.drop_last and len(loader) == 4
-    batch = next(iter(loader))
+    batch = next(_finished(dm, loader))
     assert batch["image"].shape == (2, 1, *TINY_CROP)
     assert [c.shape for c in batch["context_idx"]] == [(2, 144)] * 3
     assert [t.shape for t in batch["target_idx"]] == [(2, 432)] * 3
@@ -385,30 +392,30 @@ def test_pretrain_mask_step_follows_epoch_and_resume(mixed_cohort, tiny_dm_kwarg
     dm = _pretrain(mixed_cohort, tiny_dm_kwargs)
     dm.setup("fit")
     loader = dm.train_dataloader()
-    epoch0 = [(b["mask_step"], b["path"]) for b in loader]
+    epoch0 = [(b["mask_step"], b["path"]) for b in _finished(dm, loader)]
     assert [s for s, _ in epoch0] == [0, 1, 2, 3]
     loader.sampler.set_epoch(1)  # what Lightning does at every epoch start
-    epoch1 = [(b["mask_step"], b["path"], b["context_idx"][0]) for b in loader]
+    epoch1 = [(b["mask_step"], b["path"], b["context_idx"][0]) for b in _finished(dm, loader)]
     assert [s for s, _, _ in epoch1] == [4, 5, 6, 7] and [p for _, p, _ in epoch1] != [p for _, p in epoch0]
 
     resumed = _pretrain(mixed_cohort, tiny_dm_kwargs)
-    resumed.load_state_dict({"global_step": 4, "epoch": 1, "seed": 0})
+    resumed.load_state_dict({"global_step": 4, "epoch": 1, "seed": 0, "augment_on": "device"})
     resumed.setup("fit")
-    again = [(b["mask_step"], b["path"], b["context_idx"][0]) for b in resumed.train_dataloader()]
+    again = [(b["mask_step"], b["path"], b["context_idx"][0]) for b in _finished(resumed, resumed.train_dataloader())]
     assert [(s, p) for s, p, _ in again] == [(s, p) for s, p, _ in epoch1]
     assert all(torch.equal(a[2], r[2]) for a, r in zip(again, epoch1, strict=True))
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_pretrain_loader_resumes_mid_epoch(mixed_cohort, tiny_dm_kwargs, num_workers):
+@pytest.mark.parametrize("num_workers, augment_on", [(0, "device"), (2, "device"), (2, "workers")])
+def test_pretrain_loader_resumes_mid_epoch(mixed_cohort, tiny_dm_kwargs, num_workers, augment_on):
     """The train loader's state after two batches continues with batch 2 (same samples and masks) in a new loader."""
-    kwargs = {**tiny_dm_kwargs, "num_workers": num_workers}
+    kwargs = {**tiny_dm_kwargs, "num_workers": num_workers, "augment_on": augment_on}
     dm = _pretrain(mixed_cohort, kwargs)
     dm.setup("fit")
     loader = dm.train_dataloader()
     assert isinstance(loader, StatefulDataLoader)
     full, state, last = [], None, None
-    for i, batch in enumerate(loader):
+    for i, batch in enumerate(_finished(dm, loader)):
         full.append(batch)
         if i == 1:
             state = loader.state_dict()
@@ -418,7 +425,7 @@ def test_pretrain_loader_resumes_mid_epoch(mixed_cohort, tiny_dm_kwargs, num_wor
     resumed.setup("fit")
     new_loader = resumed.train_dataloader()
     new_loader.load_state_dict(state)
-    rest = list(new_loader)
+    rest = list(_finished(resumed, new_loader))
     assert [b["mask_step"] for b in rest] == [2, 3]
     other = _pretrain(mixed_cohort, {**kwargs, "num_workers": 2 - num_workers})
     other.setup("fit")
@@ -427,7 +434,7 @@ def test_pretrain_loader_resumes_mid_epoch(mixed_cohort, tiny_dm_kwargs, num_wor
     # Lightning goes on to the next epoch with the same loader: it must start from its first batch
     boundary = resumed.train_dataloader()  # the data module's epoch: 0, the one the checkpoint was written in
     boundary.load_state_dict(last)
-    assert boundary.sampler.epoch == 1 and [b["mask_step"] for b in boundary] == [4, 5, 6, 7]
+    assert boundary.sampler.epoch == 1 and [b["mask_step"] for b in _finished(resumed, boundary)] == [4, 5, 6, 7]
     for want, got in zip(full[2:], rest, strict=True):
         assert want["path"] == got["path"] and torch.equal(want["image"], got["image"])
         assert all(torch.equal(a, b) for a, b in zip(want["context_idx"], got["context_idx"], strict=True))
@@ -452,11 +459,11 @@ def test_pretrain_options(mixed_cohort, tiny_dm_kwargs):
     assert len(everything.datasets["train"]) == 10 and everything.val_dataloader() == []
     half = _pretrain(mixed_cohort, tiny_dm_kwargs, mask_ratio=0.5)
     half.setup("fit")
-    batch = next(iter(half.train_dataloader()))
+    batch = next(_finished(half, half.train_dataloader()))
     assert [c.shape[1] for c in batch["context_idx"]] == [288] * 3
     vjepa = _pretrain(mixed_cohort, tiny_dm_kwargs, masking="vjepa2")
     vjepa.setup("fit")
-    batch = next(iter(vjepa.train_dataloader()))
+    batch = next(_finished(vjepa, vjepa.train_dataloader()))
     assert len(batch["context_idx"]) == 2
     with pytest.raises(ValueError, match="not a multiple of patch_size 5"):
         PretrainDataModule(str(mixed_cohort), patch_size=5, **tiny_dm_kwargs)
@@ -471,9 +478,12 @@ class _Recorder(LightningModule):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(()))
         self.seen: list[tuple[int, int, tuple[str, ...]]] = []
+        self.checksums: list[tuple[float, int]] = []  # of the (augmented) images and the masks
 
     def training_step(self, batch, batch_idx):
         self.seen.append((self.current_epoch, int(batch["mask_step"]), tuple(batch["path"])))
+        masks = sum(int(ids.sum()) for ids in [*batch["context_idx"], *batch["target_idx"]])
+        self.checksums.append((float(batch["image"].double().sum()), masks))
         return (self.weight * batch["image"].mean()) ** 2
 
     def configure_optimizers(self):
@@ -495,7 +505,7 @@ def test_pretrain_with_trainer_resumes_exactly(mixed_cohort, tiny_dm_kwargs, tmp
     ckpt = tmp_path / "epoch1.ckpt"
     trainer.save_checkpoint(ckpt)
     state = torch.load(ckpt, weights_only=False)["PretrainDataModule"]
-    assert state == {"global_step": 4, "epoch": 1, "seed": 0}
+    assert state == {"global_step": 4, "epoch": 1, "seed": 0, "augment_on": "device"}
 
     second = _Recorder()
     _trainer(tmp_path, 2).fit(second, datamodule=_pretrain(mixed_cohort, tiny_dm_kwargs), ckpt_path=str(ckpt))
@@ -518,6 +528,7 @@ def test_pretrain_with_trainer_resumes_mid_epoch(mixed_cohort, tiny_dm_kwargs, t
     ckpt = tmp_path / "ckpt" / "step=3.ckpt"
     _trainer(tmp_path, 2).fit(second, datamodule=_pretrain(mixed_cohort, kwargs), ckpt_path=str(ckpt))
     assert second.seen == full.seen[3:]  # batch 3 of epoch 0 next, not the epoch's first batch again
+    assert first.checksums == full.checksums[:3] and second.checksums == full.checksums[3:]  # same augmentation, masks
     assert not [w for w in recwarn if "not resumable" in str(w.message)]
 
 
@@ -536,7 +547,7 @@ def test_synthbrain_cohort_end_to_end(synth_cohort, tiny_dm_kwargs):
     assert report.ok, str(report)
     pretrain = _pretrain(synth_cohort, tiny_dm_kwargs)
     pretrain.setup("fit")
-    batch = next(iter(pretrain.train_dataloader()))
+    batch = next(_finished(pretrain, pretrain.train_dataloader()))
     assert batch["image"].shape == (2, 1, *TINY_CROP) and len(batch["context_idx"]) == 3
     assert float(batch["foreground"].float().mean()) > 0.2  # brains fill a good part of the crop
     finetune = FinetuneDataModule(

@@ -258,7 +258,7 @@ def test_datamodule_reads_shards_like_the_persistent_cache(tmp_path):
             assert x["path"] == y["path"] and x["subject_id"] == y["subject_id"]
             # the same augmentation draw (same key) on volumes that differ by the uint16 step only
             assert float((x["image"] - y["image"]).abs().max()) < 1e-4
-    batch = next(iter(shard_dm.train_dataloader()))
+    batch = shard_dm.on_after_batch_transfer(next(iter(shard_dm.train_dataloader())), 0)  # augmentation + masks
     assert batch["image"].shape == (2, 1, *TINY_CROP) and len(batch["context_idx"]) == 3
     (folder,) = (tmp_path / "s").glob("shards-*")
     assert len(read_samples(folder)) == 5  # the whole manifest, whatever the split
