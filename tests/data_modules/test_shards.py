@@ -256,7 +256,8 @@ def test_datamodule_reads_shards_like_the_persistent_cache(tmp_path):
         for key in [(0, 0, 0), (1, 5, len(a) - 1), (2, 1, 0)]:
             x, y = a[key], b[key]
             assert x["path"] == y["path"] and x["subject_id"] == y["subject_id"]
-            # the same augmentation draw (same key) on volumes that differ by the uint16 step only
+            # the same per-sample transform (the crop; augmentation follows the transfer, keyed by the sample) on
+            # volumes that differ by the uint16 step only
             assert float((x["image"] - y["image"]).abs().max()) < 1e-4
     batch = shard_dm.on_after_batch_transfer(next(iter(shard_dm.train_dataloader())), 0)  # augmentation + masks
     assert batch["image"].shape == (2, 1, *TINY_CROP) and len(batch["context_idx"]) == 3
