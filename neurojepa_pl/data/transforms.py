@@ -289,17 +289,15 @@ def pretrain_augmentations(settings: TransformSettings) -> Compose:
         Seed it per sample with :func:`seed_augmentation`.
     """
     k = IMAGE_KEY
-    return Compose(
+    return _cropped_chain(
+        settings,
         [
-            CastToTyped(keys=k, dtype=torch.float32),
-            CenterSpatialCropd(keys=k, roi_size=settings.spatial_size),
             *(RandFlipd(keys=k, prob=PRETRAIN_FLIP_PROB, spatial_axis=axis) for axis in range(3)),
             RandBiasFieldd(keys=k, prob=AUGMENT_PROB, coeff_range=BIAS_FIELD_COEFF_RANGE, degree=BIAS_FIELD_DEGREE),
             RandAdjustContrastd(keys=k, prob=AUGMENT_PROB, gamma=CONTRAST_GAMMA),
             RandGaussianNoised(keys=k, prob=AUGMENT_PROB, mean=0.0, std=NOISE_STD, sample_std=True),
             RandShiftIntensityd(keys=k, prob=AUGMENT_PROB, offsets=SHIFT_OFFSETS),
-            EnsureTyped(keys=k, data_type="tensor", dtype=torch.float32, track_meta=False),
-        ]
+        ],
     )
 
 
@@ -312,11 +310,18 @@ def pretrain_crop(settings: TransformSettings) -> Compose:
     Returns:
         A MONAI ``Compose`` mapping ``{"image": [1, *resize_to]}`` to ``{"image": [1, *spatial_size]}`` float32.
     """
+    return _cropped_chain(settings, [])
+
+
+def _cropped_chain(settings: TransformSettings, random_ops: list) -> Compose:
+    """float32, centre crop to ``spatial_size``, ``random_ops``, tensor: the pretraining chain with or without its
+    random part (one definition, so the ``workers`` and ``device`` paths crop alike)."""
     k = IMAGE_KEY
     return Compose(
         [
             CastToTyped(keys=k, dtype=torch.float32),
             CenterSpatialCropd(keys=k, roi_size=settings.spatial_size),
+            *random_ops,
             EnsureTyped(keys=k, data_type="tensor", dtype=torch.float32, track_meta=False),
         ]
     )
